@@ -1,0 +1,1 @@
+"""Studies: commands that measure something and publish it under docs/."""
