@@ -1,0 +1,173 @@
+"""spectr's own forward for Llama-family models (Llama, SmolLM2, Mistral, Qwen2).
+
+A lean, gpt-fast-style forward over a static KV cache: tokens at explicit
+positions, attending where an explicit boolean mask allows, so a whole draft
+tree is verified in one pass. transformers stays the source of configs,
+weights and the rotary frequencies (with the config's scaling), and the
+reference this forward is tested against.
+
+Shapes: B sequences, T new tokens, S = cache.length + T attended slots,
+D hidden size, H query heads, G key/value heads, E head dim, V vocabulary.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spectr.errors import ContextOverflowError, InvalidInputError
+from spectr.models.cache import KVCache
+from spectr.models.config import ModelConfig
+from spectr.models.quantize import PRECISIONS, compute_dtype, make_linear
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: Tensor  # [B, T', V] float32 (T' = len(logit_indices) when given)
+    hidden: Tensor  # [B, T', D] final-norm hidden state, the input of the LM head
+
+
+@dataclass
+class _Layer:
+    attention_norm: Tensor  # [D]
+    qkv: object  # D -> (H + 2G)·E
+    output: object  # H·E -> D
+    mlp_norm: Tensor  # [D]
+    gate_up: object  # D -> 2·F
+    down: object  # F -> D
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # As transformers: normalise in fp32, cast back, then scale.
+    normalized = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normalized.to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in transformers' half-split convention. x [B, heads, T, E], cos/sin [B, 1, T, E]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def causal_mask(cache_length: int, num_new: int) -> Tensor:
+    """[T, S] bool: new token i sees every cached slot and new tokens 0..i."""
+    new = torch.ones(num_new, num_new, dtype=torch.bool).tril()
+    return torch.cat([torch.ones(num_new, cache_length, dtype=torch.bool), new], dim=-1)
+
+
+class LlamaForward:
+    """forward(tokens, positions, cache, attention_mask) -> logits, over weights in one precision mode."""
+
+    backend = "spectr"
+
+    def __init__(self, config: ModelConfig, state: dict[str, Tensor], rotary: tuple[Tensor, Tensor], precision: str):
+        if precision not in PRECISIONS:
+            raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        self.config = config
+        self.precision = precision
+        self.dtype = compute_dtype(precision)
+        self.cos, self.sin = rotary  # [context, E] float32 each
+        c = config
+
+        def linear(prefix: str, *names: str):
+            weights = [state[f"{prefix}.{name}.weight"] for name in names]
+            biases = [state.get(f"{prefix}.{name}.bias") for name in names]
+            if all(b is None for b in biases):
+                bias = None
+            else:
+                bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+            return make_linear(torch.cat(weights), bias, precision)
+
+        self.layers = [
+            _Layer(
+                attention_norm=state[f"model.layers.{i}.input_layernorm.weight"].to(self.dtype),
+                qkv=linear(f"model.layers.{i}.self_attn", "q_proj", "k_proj", "v_proj"),
+                output=linear(f"model.layers.{i}.self_attn", "o_proj"),
+                mlp_norm=state[f"model.layers.{i}.post_attention_layernorm.weight"].to(self.dtype),
+                gate_up=linear(f"model.layers.{i}.mlp", "gate_proj", "up_proj"),
+                down=linear(f"model.layers.{i}.mlp", "down_proj"),
+            )
+            for i in range(c.num_layers)
+        ]
+        self.embedding = state["model.embed_tokens.weight"].to(self.dtype)  # [V, D]
+        self.norm = state["model.norm.weight"].to(self.dtype)
+        head = state["model.embed_tokens.weight"] if c.tie_word_embeddings else state["lm_head.weight"]
+        self.head = make_linear(head, None, precision)
+        self.qkv_sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+
+    def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
+        """An empty cache for `batch` sequences of up to `capacity` tokens (default: the context length)."""
+        capacity = self.config.context_length if capacity is None else capacity
+        if not 0 < capacity <= self.config.context_length:
+            raise ContextOverflowError(
+                f"a cache of {capacity} tokens was asked for; the model's context is {self.config.context_length}"
+            )
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.dtype)
+
+    def _check(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor) -> None:
+        if tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise InvalidInputError(f"tokens must be a LongTensor [batch, new], got {tokens.dtype} {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise InvalidInputError(f"token ids must lie in [0, {self.config.vocab_size})")
+        if positions.shape != tokens.shape:
+            raise InvalidInputError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.config.context_length):
+            raise ContextOverflowError(
+                f"position {int(positions.max())} is beyond the model's context of {self.config.context_length} tokens"
+            )
+        if cache.keys.shape[1] != tokens.shape[0]:
+            raise InvalidInputError(f"the cache holds {cache.keys.shape[1]} sequences; tokens have {tokens.shape[0]}")
+        span = cache.length + tokens.shape[1]
+        if mask.shape[-2:] != (tokens.shape[1], span) or mask.dtype != torch.bool:
+            raise InvalidInputError(
+                f"attention_mask must be bool [new, cached + new] = [{tokens.shape[1]}, {span}], "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        if not bool(mask[..., cache.length :].diagonal(dim1=-2, dim2=-1).all()):
+            raise InvalidInputError("attention_mask must let every new token attend to itself")
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        attention_mask: Tensor | None = None,
+        logit_indices: Tensor | None = None,
+    ) -> ForwardOutput:
+        """Run tokens [B, T] at positions [B, T] (or [T]) over `cache`, writing their keys and values.
+
+        attention_mask: bool [T, S] or [B, T, S], True where a new token may attend
+        (S = cache.length + T); default causal. logit_indices: which of the T
+        tokens need logits (all by default; the LM head is a large share of the cost).
+        """
+        batch, num_new = tokens.shape if tokens.ndim == 2 else (0, 0)
+        positions = positions.expand(batch, -1) if positions.ndim == 1 else positions
+        mask = causal_mask(cache.length, num_new) if attention_mask is None else attention_mask
+        self._check(tokens, positions, cache, mask)
+        start = cache.reserve(num_new)
+        c = self.config
+        mask = mask.expand(batch, -1, -1)[:, None]  # [B, 1, T, S]
+        cos = self.cos[positions].to(self.dtype)[:, None]  # [B, 1, T, E]
+        sin = self.sin[positions].to(self.dtype)[:, None]
+        x = self.embedding[tokens]  # [B, T, D]
+        for index, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(_rms_norm(x, layer.attention_norm, c.rms_norm_eps)).split(self.qkv_sizes, -1)
+            q = _rotate(q.view(batch, num_new, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
+            k = _rotate(k.view(batch, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
+            v = v.view(batch, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            keys, values = cache.write(index, start, k, v)  # [B, G, S, E]
+            attended = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads
+            )  # [B, H, T, E]
+            x = x + layer.output(attended.transpose(1, 2).reshape(batch, num_new, -1))
+            gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
+            x = x + layer.down(F.silu(gate) * up)
+        cache.length = start + num_new
+        if logit_indices is not None:
+            x = x[:, logit_indices]
+        hidden = _rms_norm(x, self.norm, c.rms_norm_eps)
+        return ForwardOutput(logits=self.head(hidden).float(), hidden=hidden)

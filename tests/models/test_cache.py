@@ -1,0 +1,52 @@
+"""KVCache rollback and commit as index operations, on literal slot contents."""
+
+import pytest
+import torch
+
+from spectr.errors import ContextOverflowError, InvalidInputError
+from spectr.models import KVCache
+
+
+def _filled(length: int) -> KVCache:
+    cache = KVCache(num_layers=2, batch=1, num_kv_heads=1, capacity=8, head_dim=1, dtype=torch.float32)
+    slots = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1)
+    for layer in range(2):
+        cache.write(layer, 0, slots + 100 * layer, -slots)
+    cache.length = length
+    return cache
+
+
+def _slots(cache: KVCache, layer: int = 0) -> list[float]:
+    return cache.keys[layer, 0, 0, : cache.length, 0].tolist()
+
+
+def test_keep_moves_slots_down_in_order():
+    cache = _filled(7)
+    cache.keep([0, 1, 2, 4, 6])
+    assert cache.length == 5
+    assert _slots(cache) == [0, 1, 2, 4, 6]
+    assert _slots(cache, layer=1) == [100, 101, 102, 104, 106]
+    assert cache.values[0, 0, 0, :5, 0].tolist() == [0, -1, -2, -4, -6]
+
+
+def test_keep_prefix_only_and_truncate():
+    cache = _filled(6)
+    cache.keep([0, 1, 2])
+    assert _slots(cache) == [0, 1, 2]
+    cache = _filled(6)
+    cache.truncate(2)
+    assert cache.length == 2 and _slots(cache) == [0, 1]
+    assert cache.reserve(3) == 2
+
+
+def test_bad_operations_are_named():
+    cache = _filled(4)
+    with pytest.raises(InvalidInputError, match="strictly increasing"):
+        cache.keep([0, 2, 1])
+    with pytest.raises(InvalidInputError, match="must lie in"):
+        cache.keep([0, 4])
+    with pytest.raises(InvalidInputError, match="cannot truncate"):
+        cache.truncate(5)
+    with pytest.raises(ContextOverflowError, match="holds 8 tokens; 4 are in use and 5 more"):
+        cache.reserve(5)
+    assert _slots(cache) == [0, 1, 2, 3]  # untouched by the refused calls

@@ -1,0 +1,158 @@
+"""spectr's forward equals transformers', token by token, in fp32; tree passes equal branch-by-branch decoding."""
+
+import pytest
+import torch
+
+from spectr.errors import ContextOverflowError, InvalidInputError, UnsupportedModelError
+from spectr.models import TransformersForward, native_forward
+from tests.models.tiny import VOCAB, tiny_model
+
+NATIVE_KINDS = ["llama-gqa", "llama-mha-untied", "llama-mqa-scaled-rope", "llama3-rope", "qwen2", "mistral"]
+
+
+def _tokens(length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_logits_equal_transformers(kind):
+    hf = tiny_model(kind)
+    lm = native_forward(hf, "fp32")
+    tokens = _tokens(40)
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    cache = lm.new_cache(64)
+    whole = lm.forward(tokens, torch.arange(40), cache)
+    torch.testing.assert_close(whole.logits, expected, atol=1e-4, rtol=0)
+    # The same text fed as a prefill and then in pieces, through the cache.
+    cache = lm.new_cache(64)
+    pieces = [lm.forward(tokens[:, :25], torch.arange(25), cache).logits]
+    for start in range(25, 40, 5):
+        pieces.append(lm.forward(tokens[:, start : start + 5], torch.arange(start, start + 5), cache).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), expected, atol=1e-4, rtol=0)
+    assert cache.length == 40
+
+
+def test_batched_sequences_equal_one_at_a_time():
+    hf = tiny_model()
+    lm = native_forward(hf, "fp32")
+    tokens = torch.cat([_tokens(12, seed=1), _tokens(12, seed=2)])
+    cache = lm.new_cache(32, batch=2)
+    together = lm.forward(tokens, torch.arange(12), cache).logits
+    for row in range(2):
+        alone = lm.forward(tokens[row : row + 1], torch.arange(12), lm.new_cache(32)).logits
+        torch.testing.assert_close(together[row : row + 1], alone, atol=1e-5, rtol=0)
+
+
+def _tree():
+    """Three branches after a 10-token prefix: [a b c], [a b' c'], [d e]. Returns tokens, parents."""
+    tokens = torch.tensor([5, 6, 7, 8, 9, 10, 11])
+    parents = [-1, 0, 1, 1, 3, -1, 5]  # node -> parent node (-1: the prefix)
+    return tokens, parents
+
+
+def _tree_mask(parents: list[int], prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    nodes = len(parents)
+    mask = torch.zeros(nodes, prefix + nodes, dtype=torch.bool)
+    mask[:, :prefix] = True
+    depth = []
+    for node, parent in enumerate(parents):
+        ancestor = node
+        while ancestor != -1:
+            mask[node, prefix + ancestor] = True
+            ancestor = parents[ancestor]
+        depth.append(0 if parent == -1 else depth[parent] + 1)
+    return mask, torch.tensor(depth) + prefix
+
+
+@pytest.mark.parametrize("backend", ["native", "transformers"])
+def test_tree_forward_equals_each_branch(backend):
+    hf = tiny_model("llama-gqa")
+    lm = native_forward(hf, "fp32") if backend == "native" else TransformersForward(hf, VOCAB, 256)
+    prefix = _tokens(10)
+    tree_tokens, parents = _tree()
+    mask, positions = _tree_mask(parents, 10)
+    cache = lm.new_cache(64)
+    lm.forward(prefix, torch.arange(10), cache)
+    tree_logits = lm.forward(tree_tokens[None], positions, cache, mask).logits[0]
+    for leaf in (2, 4, 6):
+        path = []
+        node = leaf
+        while node != -1:
+            path.insert(0, node)
+            node = parents[node]
+        branch = torch.cat([prefix[0], tree_tokens[path]])[None]
+        alone = lm.forward(branch, torch.arange(branch.shape[1]), lm.new_cache(64)).logits[0, 10:]
+        torch.testing.assert_close(tree_logits[path], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["native", "transformers"])
+def test_commit_leaves_the_cache_of_the_kept_text(backend):
+    hf = tiny_model("llama-gqa")
+    lm = native_forward(hf, "fp32") if backend == "native" else TransformersForward(hf, VOCAB, 256)
+    prefix = _tokens(10)
+    tree_tokens, parents = _tree()
+    mask, positions = _tree_mask(parents, 10)
+    cache = lm.new_cache(64)
+    lm.forward(prefix, torch.arange(10), cache)
+    lm.forward(tree_tokens[None], positions, cache, mask)
+    accepted = [0, 1, 3, 4]  # the path a b' c'
+    cache.keep(list(range(10)) + [10 + node for node in accepted])
+    assert cache.length == 14
+    after = lm.forward(torch.tensor([[3]]), torch.tensor([14]), cache).logits
+    text = torch.cat([prefix[0], tree_tokens[accepted], torch.tensor([3])])[None]
+    fresh = lm.forward(text, torch.arange(15), lm.new_cache(64)).logits[:, -1:]
+    torch.testing.assert_close(after, fresh, atol=1e-5, rtol=0)
+    cache.truncate(12)  # and rolling back is just forgetting slots
+    again = lm.forward(text[:, 12:], torch.arange(12, 15), cache).logits[:, -1:]
+    torch.testing.assert_close(again, fresh, atol=1e-5, rtol=0)
+
+
+def test_logit_indices_select_rows():
+    lm = native_forward(tiny_model(), "fp32")
+    tokens = _tokens(8)
+    every = lm.forward(tokens, torch.arange(8), lm.new_cache(16))
+    last = lm.forward(tokens, torch.arange(8), lm.new_cache(16), logit_indices=torch.tensor([7]))
+    torch.testing.assert_close(last.logits, every.logits[:, 7:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(last.hidden, every.hidden[:, 7:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("precision,tolerance", [("bf16", 0.05), ("int8", 0.05), ("int4", 0.25)])
+def test_precision_modes_stay_close_to_fp32(precision, tolerance):
+    """Not exactness (each mode is exact w.r.t. its own logits) but a guard against a broken kernel."""
+    hf = tiny_model("llama-gqa", hidden_size=128, intermediate_size=256, vocab_size=VOCAB)
+    reference = native_forward(hf, "fp32")
+    lowered = native_forward(hf, precision)
+    tokens = _tokens(20)
+    expected = torch.log_softmax(reference.forward(tokens, torch.arange(20), reference.new_cache(32)).logits, -1)
+    got = torch.log_softmax(lowered.forward(tokens, torch.arange(20), lowered.new_cache(32)).logits, -1)
+    total_variation = (expected.exp() - got.exp()).abs().sum(-1).max() / 2
+    assert total_variation < tolerance
+    assert total_variation > 0  # it really ran in a lower precision
+
+
+def test_bad_input_is_named():
+    lm = native_forward(tiny_model(), "fp32")
+    cache = lm.new_cache(8)
+    with pytest.raises(ContextOverflowError, match="holds 8 tokens"):
+        lm.forward(_tokens(9), torch.arange(9), cache)
+    with pytest.raises(ContextOverflowError, match="context is 256"):
+        lm.new_cache(1000)
+    with pytest.raises(ContextOverflowError, match="beyond the model's context"):
+        lm.forward(_tokens(1), torch.tensor([300]), lm.new_cache(8))
+    with pytest.raises(InvalidInputError, match="token ids"):
+        lm.forward(torch.tensor([[VOCAB]]), torch.tensor([0]), cache)
+    with pytest.raises(InvalidInputError, match="attention_mask must be bool"):
+        lm.forward(_tokens(2), torch.arange(2), cache, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(InvalidInputError, match="attend to itself"):
+        lm.forward(_tokens(2), torch.arange(2), cache, torch.zeros(2, 2, dtype=torch.bool))
+    with pytest.raises(InvalidInputError, match="positions"):
+        lm.forward(_tokens(2), torch.arange(3), cache)
+    with pytest.raises(InvalidInputError, match="precision"):
+        native_forward(tiny_model(), "fp8")
+    assert cache.length == 0  # nothing half-written counts
+
+
+def test_other_architectures_are_refused_by_the_native_forward():
+    with pytest.raises(UnsupportedModelError, match="gpt_neox"):
+        native_forward(tiny_model("gpt_neox"), "fp32")
