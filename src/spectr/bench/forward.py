@@ -8,12 +8,15 @@ next-token distributions move from fp32 on the same text.
 
 import copy as copy_module
 from dataclasses import dataclass, field
+from pathlib import Path
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 
+from spectr.bench.gguf_convert import write_bf16_gguf
 from spectr.models.llama import LlamaForward
 from spectr.models.loading import load_transformers, native_forward, resolve_source
 from spectr.models.reference import TransformersForward
@@ -57,13 +60,15 @@ def llama_cpp_runner(gguf_path: str, context_tokens: list[int], threads: int):
         import llama_cpp
     except ImportError:
         return None
-    model = llama_cpp.Llama(model_path=gguf_path, n_ctx=1024, n_threads=threads, n_batch=64, verbose=False)
+    # logits_all: a verification pass needs the logits of every new token, as spectr's forward gives.
+    model = llama_cpp.Llama(
+        model_path=gguf_path, n_ctx=1024, n_threads=threads, n_batch=64, logits_all=True, verbose=False
+    )
     model.eval(context_tokens)
     cached = len(context_tokens)
 
     def step(new_tokens: list[int]):
-        model.n_tokens = cached  # forget what the last step added
-        model._ctx.memory_seq_rm(-1, cached, -1) if hasattr(model._ctx, "memory_seq_rm") else model._ctx.kv_cache_seq_rm(-1, cached, -1)
+        model.n_tokens = cached  # eval() drops the cache entries past n_tokens: the last step's tokens
         model.eval(new_tokens)
 
     return step
@@ -82,7 +87,7 @@ def run(
     ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids[:, :context]
     if ids.shape[1] < context:
         ids = ids.repeat(1, context // ids.shape[1] + 1)[:, :context]
-    extra = ids[:, : max(new_token_counts)]
+    extra = ids.repeat(1, max(new_token_counts) // context + 1)[:, : max(new_token_counts)]
 
     steppers: dict[str, Callable[[int], None]] = {}
     results: dict[str, ForwardTiming] = {}
@@ -118,13 +123,21 @@ def run(
 
         steppers[name] = hf_step
 
-    name = "llama.cpp (GGUF as shipped)"
-    cpp = llama_cpp_runner(str(resolved), ids[0].tolist(), torch.get_num_threads()) if resolved.gguf_file else None
-    if cpp is None:
-        results[name] = ForwardTiming(backend=name, note="skipped: llama-cpp-python is not installed (extra 'peers')")
-    else:
+    gguf_variants = {}
+    if resolved.gguf_file:
+        source_file = resolved.folder / resolved.gguf_file
+        gguf_variants["llama.cpp, GGUF as shipped"] = source_file
+        bf16_file = Path(tempfile.mkdtemp(prefix="spectr-bench-")) / "model-bf16.gguf"
+        gguf_variants["llama.cpp bf16 (same weights)"] = bf16_file
+    for name, path in gguf_variants.items():
+        if "bf16" in name and not path.exists():
+            write_bf16_gguf(gguf_variants["llama.cpp, GGUF as shipped"], path)
+        cpp = llama_cpp_runner(str(path), ids[0].tolist(), torch.get_num_threads())
+        if cpp is None:
+            results[name] = ForwardTiming(backend=name, note="skipped: llama-cpp-python is not installed (extra 'peers')")
+            continue
         results[name] = ForwardTiming(backend=name)
-        steppers[name] = lambda n: cpp(extra[0, :n].tolist())
+        steppers[name] = lambda n, cpp=cpp: cpp(extra[0, :n].tolist())
 
     samples: dict[tuple[str, int], list[float]] = {}
     for _ in range(repeats):
@@ -150,6 +163,14 @@ def render(results: list[ForwardTiming], context: int, new_token_counts: tuple[i
         header,
         "|---" * (len(new_token_counts) + 5) + "|",
     ]
+    notes = [
+        "",
+        "Each precision mode is exact with respect to the distribution its own verification forward "
+        "computes: a lower precision changes *which* target is sampled (the deviation columns), never "
+        "the exactness of speculative sampling against it. TV: total-variation distance between "
+        "next-token distributions. llama.cpp runs with `logits_all` so that, like a tree verification, "
+        "it produces the logits of every new token.",
+    ]
     for result in results:
         if result.note:
             cells = ["—"] * len(new_token_counts)
@@ -162,4 +183,4 @@ def render(results: list[ForwardTiming], context: int, new_token_counts: tuple[i
         )
         name = result.backend + (f" — {result.note}" if result.note else "")
         lines.append(f"| {name} | " + " | ".join(cells + dev) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + notes) + "\n"
