@@ -24,7 +24,8 @@ class DraftTree:
     tokens: Tensor  # [n] token of each node
     parents: Tensor  # [n] parent node, -1 for a child of the root
     paths: Tensor  # [k, L] node of draft i at depth j + 1
-    draft_probs: Tensor  # [n + 1, V] q at the root (row 0) and below each node (row 1 + i)
+    draft_probs: Tensor | None  # [n + 1, V] q at the root (row 0) and below each node (row 1 + i);
+    # None for deterministic proposals (n-gram lookups)
 
     @property
     def num_nodes(self) -> int:

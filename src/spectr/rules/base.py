@@ -95,6 +95,10 @@ class Rule(ABC):
     def check_k(self, k: int) -> int:
         return check_num_candidates(k)
 
+    def tree_candidates(self, candidates: Tensor) -> Tensor:
+        """The candidates to use at a tree node, from the next tokens [k'] of the drafts through it."""
+        return candidates
+
     def check_candidate_tuples(self, candidates: Tensor) -> None:
         """Raise if candidates [N, k] could not come from this rule's draw (beyond range checks)."""
         self.check_k(candidates.shape[-1])

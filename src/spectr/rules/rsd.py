@@ -66,6 +66,15 @@ class RecursiveRule(Rule):
             round_draft = normalize_or(round_draft.scatter(-1, token, 0.0), round_draft)
         return SelectionPlan(accept_probs=torch.stack(accepts, dim=-1), residual_probs=round_target)
 
+    def tree_candidates(self, candidates: Tensor) -> Tensor:
+        """The distinct tokens in order of first appearance: for i.i.d. drafts, each new one is
+        q restricted to the tokens not yet seen, i.e. sampling without replacement."""
+        seen: list[int] = []
+        for token in candidates.tolist():
+            if token not in seen:
+                seen.append(token)
+        return torch.tensor(seen, dtype=torch.long)
+
     def check_candidate_tuples(self, candidates: Tensor) -> None:
         super().check_candidate_tuples(candidates)
         repeats = (candidates[:, :, None] == candidates[:, None, :]).sum((-1, -2)) > candidates.shape[-1]

@@ -1,0 +1,159 @@
+"""The decoding loop: autoregressive, speculative (k = 1) and SpecTr decoding share it.
+
+One step of speculative decoding (SPECTR.md §2): draft a tree, verify every
+node in one target forward, walk the tree with a token-level rule, commit the
+accepted path in both caches. Invariant between steps: the target's cache
+holds the text but its last token (the next tree's root); the drafter keeps its
+own cache.
+
+Glossary: a step *emits* 1..L+1 tokens — the accepted path, then a residual or
+bonus token; *block efficiency* is emitted tokens per target forward.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+import time
+
+import torch
+
+from spectr.drafters import Drafter
+from spectr.errors import ContextOverflowError, InvalidInputError
+from spectr.processing import SamplingParams, logits_to_probs
+from spectr.rules import RULES, Rule
+from spectr.sampling import sample_categorical
+from spectr.tree import tree_attention_mask, tree_positions
+from spectr.walk import walk
+
+METHODS = ("ar", "sd", "spectr")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    method: str = "spectr"  # "ar": plain sampling; "sd": one draft (k = 1); "spectr": k drafts
+    rule: str | None = None  # default: "standard" for sd, "kseq" for spectr
+    k: int = 4
+    length: int = 4  # L, draft tokens per draft
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InvalidInputError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        for name, value in (("k", self.k), ("L", self.length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
+        if self.rule is not None and self.rule not in RULES:
+            raise InvalidInputError(f"rule must be one of {', '.join(RULES)}, got '{self.rule}'")
+        if self.rule_name == "standard" and self.num_drafts > 1:
+            raise InvalidInputError(f"rule 'standard' takes one draft; got k = {self.k} (use 'kseq')")
+
+    @property
+    def rule_name(self) -> str:
+        return self.rule or ("standard" if self.method == "sd" else "kseq")
+
+    @property
+    def num_drafts(self) -> int:
+        return 1 if self.method == "sd" else self.k
+
+    @property
+    def tree_size(self) -> int:
+        """Most tree nodes one verification can add to the target's cache (besides the root)."""
+        return 0 if self.method == "ar" else self.num_drafts * self.length
+
+
+@dataclass
+class StepStats:
+    emitted: list[int]
+    accepted: int  # tree tokens kept (the emitted tokens but the last)
+    candidates_per_level: list[int] = field(default_factory=list)
+    tree_nodes: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    select_seconds: float = 0.0
+
+
+class Decoder:
+    """Samples continuations of a prompt from `target`, exactly, with help from `drafter`."""
+
+    def __init__(self, target, drafter: Drafter | None, settings: DecodeSettings, params: SamplingParams):
+        if settings.method != "ar" and drafter is None:
+            raise InvalidInputError(f"method '{settings.method}' needs a drafter")
+        self.target = target
+        self.drafter = drafter
+        self.settings = settings
+        self.params = params
+        self.rule: Rule = RULES[settings.rule_name]
+
+    def _context_length(self) -> int:
+        config = getattr(self.target, "config", None)
+        return config.context_length if config is not None else self.target.context_length
+
+    def stream(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        generator: torch.Generator,
+        stop_token_ids: frozenset[int] = frozenset(),
+    ) -> Iterator[StepStats]:
+        """Yield each step's stats (its emitted tokens included) until max_new_tokens or a stop token."""
+        if not prompt:
+            raise InvalidInputError("the prompt is empty: give at least one token")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        context = self._context_length()
+        needed = len(prompt) + max_new_tokens + self.settings.tree_size + 1
+        if needed > context:
+            raise ContextOverflowError(
+                f"the prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) + draft tree "
+                f"({self.settings.tree_size}) need {needed} positions; the model's context is {context}"
+            )
+        cache = self.target.new_cache(needed)
+        if self.drafter is not None:
+            self.drafter.reset(needed)
+        text = list(prompt)
+        if len(text) > 1:  # the last prompt token is the first root
+            self.target.forward(
+                torch.tensor(text[:-1])[None], torch.arange(len(text) - 1), cache,
+                logit_indices=torch.tensor([], dtype=torch.long),
+            )
+        produced = 0
+        while produced < max_new_tokens:
+            stats = self._step(text, cache, generator)
+            emitted = stats.emitted[: max_new_tokens - produced]
+            for position, token in enumerate(emitted):
+                if token in stop_token_ids:
+                    emitted = emitted[: position + 1]
+                    break
+            stats.emitted = emitted
+            text.extend(emitted)
+            produced += len(emitted)
+            yield stats
+            if emitted[-1] in stop_token_ids:
+                return
+
+    def _step(self, text: list[int], cache, generator: torch.Generator) -> StepStats:
+        cached = len(text) - 1
+        if self.settings.method == "ar":
+            start = time.perf_counter()
+            logits = self.target.forward(torch.tensor([[text[-1]]]), torch.tensor([cached]), cache).logits[0]
+            verified = time.perf_counter()
+            token = int(sample_categorical(logits_to_probs(logits, self.params), generator)[0, 0])
+            return StepStats(
+                emitted=[token], accepted=0, verify_seconds=verified - start,
+                select_seconds=time.perf_counter() - verified,
+            )
+        start = time.perf_counter()
+        tree = self.drafter.propose(text, self.settings.num_drafts, self.settings.length, self.params, generator)
+        drafted = time.perf_counter()
+        tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])[None]
+        logits = self.target.forward(
+            tokens, tree_positions(tree.parents, cached), cache, tree_attention_mask(tree.parents, cached)
+        ).logits[0]
+        target_probs = logits_to_probs(logits, self.params)  # [n + 1, V]
+        verified = time.perf_counter()
+        emitted, path, levels = walk(tree, target_probs, self.rule, generator)
+        cache.keep(list(range(cached + 1)) + [cached + 1 + node for node in path])
+        self.drafter.commit(path)
+        return StepStats(
+            emitted=emitted, accepted=len(path), candidates_per_level=levels, tree_nodes=tree.num_nodes,
+            draft_seconds=drafted - start, verify_seconds=verified - drafted,
+            select_seconds=time.perf_counter() - verified,
+        )

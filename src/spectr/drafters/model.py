@@ -1,0 +1,79 @@
+"""A draft model: any causal LM with the target's tokenizer, behind spectr's forward interface.
+
+Drafting builds the tree depth by depth: the k drafts are sampled i.i.d. from
+the draft's processed distribution, drafts that share a prefix share a node,
+and each depth is one forward over the new nodes only (tree attention on the
+draft's own cache). Every draft through a node samples its next token from
+that node's one distribution, the one stored in the tree for the acceptance
+test.
+"""
+
+import torch
+
+from spectr.processing import SamplingParams, logits_to_probs
+from spectr.sampling import sample_categorical
+from spectr.tree import DraftTree, tree_attention_mask
+
+
+class ModelDrafter:
+    name = "model"
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.cache = None
+        self.cached = 0  # text tokens held by the cache
+        self._base = 0  # text length when the last tree was drafted
+        self._forwarded = 0  # nodes of the last tree that went through the draft (the non-leaves)
+
+    def reset(self, capacity: int) -> None:
+        self.cache = self.lm.new_cache(capacity)
+        self.cached = 0
+
+    def propose(
+        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator
+    ) -> DraftTree:
+        pending = torch.tensor(text[self.cached :], dtype=torch.long)  # at least the root
+        out = self.lm.forward(
+            pending[None], torch.arange(self.cached, len(text)), self.cache,
+            logit_indices=torch.tensor([pending.numel() - 1]),
+        )
+        self.cached = self._base = len(text)
+        rows = [logits_to_probs(out.logits[0], params)[0]]  # q at the root
+        tokens: list[int] = []
+        parents: list[int] = []
+        paths = torch.empty(k, length, dtype=torch.long)
+        drawn = sample_categorical(rows[0][None], generator, num_samples=k)[0]  # [k] i.i.d. from q(root)
+        for depth in range(length):
+            first_new = len(tokens)
+            seen: dict[tuple[int, int], int] = {}
+            for draft in range(k):
+                key = (int(paths[draft, depth - 1]) if depth else -1, int(drawn[draft]))
+                if key not in seen:
+                    seen[key] = len(tokens)
+                    tokens.append(key[1])
+                    parents.append(key[0])
+                paths[draft, depth] = seen[key]
+            if depth == length - 1:
+                break
+            # Forward the new nodes; node i sits in cache slot base + i.
+            new = torch.arange(first_new, len(tokens))
+            mask = tree_attention_mask(torch.tensor(parents), cached=self._base - 1)[1 + new]
+            positions = torch.full((new.numel(),), self._base + depth)
+            logits = self.lm.forward(torch.tensor(tokens)[new][None], positions, self.cache, mask).logits[0]
+            rows.extend(logits_to_probs(logits, params))
+            node_rows = torch.stack(rows)[1 + paths[:, depth]]  # [k, V] q below each draft's node
+            drawn = sample_categorical(node_rows, generator)[:, 0]
+        self._forwarded = len(rows) - 1
+        leaves = len(tokens) - self._forwarded
+        draft_probs = torch.cat([torch.stack(rows), rows[0].new_zeros(leaves, rows[0].shape[0])])
+        return DraftTree(
+            tokens=torch.tensor(tokens, dtype=torch.long),
+            parents=torch.tensor(parents, dtype=torch.long),
+            paths=paths,
+            draft_probs=draft_probs,
+        )
+
+    def commit(self, path: list[int]) -> None:
+        kept = [node for node in path if node < self._forwarded]  # leaves were never forwarded
+        self.cache.keep(list(range(self._base)) + [self._base + node for node in kept])
+        self.cached = self._base + len(kept)
