@@ -11,6 +11,109 @@ bench_app = typer.Typer(help="Benchmarks, side by side with peers, on this machi
 app.add_typer(bench_app, name="bench")
 
 
+def _engine(target: str, draft: str, precision: str):
+    import spectr
+
+    typer.echo(f"loading {target} ...", err=True)
+    engine = spectr.load(None if target == "default" else target, draft=draft, precision=precision)
+    typer.echo(engine.describe(), err=True)
+    return engine
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+TARGET = typer.Option("default", "--target", help="Target model folder or .gguf (default: SmolLM2-135M-Instruct).")
+DRAFT = typer.Option("ngram", "--draft", help="'ngram' (prompt lookup) or a draft model folder / .gguf.")
+PRECISION = typer.Option("bf16", "--precision", help="fp32, bf16, int8 or int4 (weights; activations bf16).")
+METHOD = typer.Option("spectr", "--method", help="ar (plain sampling), sd (one draft), spectr (k drafts).")
+RULE = typer.Option(None, "--rule", help="standard, kseq, specinfer or rsd (default: standard for sd, kseq).")
+K = typer.Option(2, "-k", help="Number of drafts.")
+L = typer.Option(4, "-L", help="Tokens per draft.")
+TEMPERATURE = typer.Option(1.0, "--temperature", help="0 = greedy.")
+TOP_K = typer.Option(0, "--top-k", help="0 = off.")
+TOP_P = typer.Option(1.0, "--top-p", help="1 = off.")
+SEED = typer.Option(None, "--seed", help="Seed for a reproducible sample.")
+MAX_NEW = typer.Option(128, "--max-new-tokens")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt (a user message with --chat)."),
+    method: str = METHOD, rule: str | None = RULE, k: int = K, length: int = L,
+    temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
+    max_new_tokens: int = MAX_NEW,
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+) -> None:
+    """Sample a continuation exactly from the target, streaming it, then print a stats line."""
+    import spectr
+    from spectr.errors import SpectrError
+
+    try:
+        engine = _engine(target, draft, precision)
+        stats = None
+        for chunk in spectr.stream(
+            engine, prompt, method=method, rule=rule, k=k, L=length, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, stop=stop, chat=chat,
+        ):
+            typer.echo(chunk.text, nl=False)
+            stats = chunk.stats
+        typer.echo("")
+        typer.echo(f"[{method}, k={k}, L={length}] {stats.summary()}", err=True)
+    except SpectrError as error:
+        _fail(error)
+
+
+@app.command()
+def chat(
+    method: str = METHOD, rule: str | None = RULE, k: int = K, length: int = L,
+    temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
+) -> None:
+    """An interactive chat with the target (chat template, history kept). Empty line or Ctrl-D ends it."""
+    import spectr
+    from spectr.errors import SpectrError
+
+    try:
+        engine = _engine(target, draft, precision)
+    except SpectrError as error:
+        _fail(error)
+    messages: list[dict] = []
+    turn = 0
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply, stats = [], None
+        typer.echo("bot> ", nl=False)
+        try:
+            for chunk in spectr.stream(
+                engine, messages, method=method, rule=rule, k=k, L=length, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
+                max_new_tokens=max_new_tokens, chat=True,
+            ):
+                typer.echo(chunk.text, nl=False)
+                reply.append(chunk.text)
+                stats = chunk.stats
+        except SpectrError as error:
+            typer.echo(f"\nerror: {error}", err=True)
+            messages.pop()
+            continue
+        typer.echo("")
+        typer.echo(f"[{stats.summary()}]", err=True)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        turn += 1
+
+
 @app.command()
 def version() -> None:
     """Print spectr's version."""

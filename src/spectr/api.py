@@ -1,0 +1,201 @@
+"""The public Python entry points: load models once, then stream or generate text.
+
+    import spectr
+    engine = spectr.load()                                  # SmolLM2-135M-Instruct, n-gram drafts
+    for chunk in spectr.stream(engine, "Write a haiku about caches.", chat=True, seed=0):
+        print(chunk.text, end="")
+    result = spectr.generate(engine, "def fib(n):", temperature=0, max_new_tokens=64)
+    result.text, result.stats.block_efficiency
+
+One streaming generator is the core; `generate`, the CLI and the server are
+thin adapters over it.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from spectr.decoding import Decoder, DecodeSettings, StepStats
+from spectr.drafters import ModelDrafter, NgramDrafter
+from spectr.errors import InvalidInputError
+from spectr.models import LoadedModel, check_same_tokenizer, load_model
+from spectr.processing import SamplingParams
+
+NGRAM = "ngram"
+
+
+@dataclass
+class Engine:
+    """A loaded target and draft, ready for any number of generations (one at a time)."""
+
+    target: LoadedModel
+    draft: LoadedModel | None  # None: n-gram (prompt lookup) drafts
+
+    @property
+    def tokenizer(self):
+        return self.target.tokenizer
+
+    def drafter(self):
+        return NgramDrafter() if self.draft is None else ModelDrafter(self.draft.lm)
+
+    def describe(self) -> str:
+        draft = "n-gram lookup" if self.draft is None else f"{self.draft.source} ({self.draft.lm.backend})"
+        return f"target {self.target.source} ({self.target.lm.backend}, {self.target.lm.precision}); draft {draft}"
+
+
+def load(
+    target: str | Path | None = None,
+    draft: str | Path | None = NGRAM,
+    precision: str = "bf16",
+    draft_precision: str | None = None,
+) -> Engine:
+    """Load the target (default: SmolLM2-135M-Instruct) and a draft ('ngram', or a model path)."""
+    target_model = load_model(target, precision=precision)
+    draft_model = None
+    if draft is not None and str(draft) != NGRAM:
+        draft_model = load_model(draft, precision=draft_precision or precision)
+        check_same_tokenizer(target_model.tokenizer, draft_model.tokenizer)
+    return Engine(target=target_model, draft=draft_model)
+
+
+@dataclass
+class GenerationStats:
+    steps: int = 0
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # steps that accepted ≥ i+1 tree tokens
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    select_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def block_efficiency(self) -> float:
+        """Emitted tokens per target forward."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def add(self, step: StepStats) -> None:
+        self.steps += 1
+        self.new_tokens += len(step.emitted)
+        for position in range(step.accepted):
+            if position == len(self.accepted_per_position):
+                self.accepted_per_position.append(0)
+            self.accepted_per_position[position] += 1
+        self.draft_seconds += step.draft_seconds
+        self.verify_seconds += step.verify_seconds
+        self.select_seconds += step.select_seconds
+
+    def summary(self) -> str:
+        overhead = self.seconds - self.draft_seconds - self.verify_seconds - self.select_seconds
+        return (
+            f"{self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s), "
+            f"{self.steps} target passes, block efficiency {self.block_efficiency:.2f}; "
+            f"draft {self.draft_seconds:.2f} s, verify {self.verify_seconds:.2f} s, "
+            f"select {self.select_seconds:.2f} s, other {max(overhead, 0.0):.2f} s"
+        )
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output: new text, the tokens behind it, and the step's stats."""
+
+    text: str
+    tokens: list[int]
+    step: StepStats
+    stats: GenerationStats
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    stats: GenerationStats
+    finish_reason: str
+
+
+def encode_prompt(engine: Engine, prompt: str | list[int] | list[dict], chat: bool) -> list[int]:
+    """Token ids of a prompt: raw text, a chat (messages, or text as one user turn), or ids."""
+    tokenizer = engine.tokenizer
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
+        return list(prompt)
+    if chat or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInputError("this model's tokenizer has no chat template; pass plain text without --chat")
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"prompt must be text, token ids or chat messages, got {type(prompt).__name__}")
+    return list(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+
+def _stop_token_ids(tokenizer) -> frozenset[int]:
+    eos = tokenizer.eos_token_id
+    return frozenset([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+
+
+def stream(
+    engine: Engine,
+    prompt: str | list[int] | list[dict],
+    *,
+    method: str = "spectr",
+    rule: str | None = None,
+    k: int = 2,
+    L: int = 4,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    max_new_tokens: int = 128,
+    stop: list[str] | None = None,
+    chat: bool = False,
+) -> Iterator[Chunk]:
+    """Sample a continuation of `prompt` exactly from the target, streaming text as steps finish."""
+    settings = DecodeSettings(method=method, rule=rule, k=k, length=L)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    stops = [s for s in (stop or []) if s]
+    ids = encode_prompt(engine, prompt, chat)
+    generator = torch.Generator().manual_seed(random.randrange(2**63) if seed is None else seed)
+    decoder = Decoder(engine.target.lm, engine.drafter() if method != "ar" else None, settings, params)
+    stats = GenerationStats(prompt_tokens=len(ids))
+    stop_ids = _stop_token_ids(engine.tokenizer)
+    tokens: list[int] = []
+    shown = ""  # text already streamed
+    hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
+    start = time.perf_counter()
+    for step in decoder.stream(ids, max_new_tokens, generator, stop_ids):
+        stats.add(step)
+        stats.seconds = time.perf_counter() - start
+        tokens.extend(step.emitted)
+        ended_by_eos = tokens[-1] in stop_ids
+        text = engine.tokenizer.decode(tokens[:-1] if ended_by_eos else tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        if cut >= 0 or ended_by_eos or len(tokens) >= max_new_tokens:
+            final = text[:cut] if cut >= 0 else text
+            reason = "stop" if (cut >= 0 or ended_by_eos) else "length"
+            yield Chunk(final[len(shown):], step.emitted, step, stats, finished=True, finish_reason=reason)
+            return
+        visible = text[: max(len(shown), len(text) - hold)]
+        yield Chunk(visible[len(shown):], step.emitted, step, stats)
+        shown = visible
+
+
+def generate(engine: Engine, prompt: str | list[int] | list[dict], **options) -> GenerationResult:
+    """`stream`, collected."""
+    pieces, tokens, stats, reason = [], [], GenerationStats(), "length"
+    for chunk in stream(engine, prompt, **options):
+        pieces.append(chunk.text)
+        tokens.extend(chunk.tokens)
+        stats = chunk.stats
+        reason = chunk.finish_reason or reason
+    return GenerationResult(text="".join(pieces), tokens=tokens, stats=stats, finish_reason=reason)

@@ -1,0 +1,41 @@
+"""SpecTr decoding on the real default target: greedy output identical to plain greedy decoding."""
+
+import pytest
+import torch
+
+from spectr.decoding import Decoder, DecodeSettings
+from spectr.drafters import ModelDrafter, NgramDrafter
+from spectr.models import native_forward
+from spectr.processing import SamplingParams
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def target(real_model):
+    return native_forward(real_model[0], "fp32")
+
+
+@pytest.fixture(scope="module")
+def prompt(real_model):
+    tokenizer = real_model[1]
+    code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
+    return tokenizer(code).input_ids
+
+
+def run(target, drafter, settings, prompt, tokens=24):
+    decoder = Decoder(target, drafter, settings, SamplingParams(temperature=0))
+    steps = list(decoder.stream(prompt, tokens, torch.Generator().manual_seed(0)))
+    return [t for step in steps for t in step.emitted], len(steps)
+
+
+def test_greedy_spectr_equals_greedy_target(target, prompt):
+    plain, plain_steps = run(target, None, DecodeSettings(method="ar"), prompt)
+    for k in (1, 2, 4):
+        for length in (1, 3, 5):
+            spec, steps = run(target, NgramDrafter(), DecodeSettings(k=k, length=length), prompt)
+            assert spec == plain, (k, length)
+            assert steps <= plain_steps
+    # A model draft too (the target itself as its own draft: every token accepted).
+    spec, steps = run(target, ModelDrafter(target), DecodeSettings(k=2, length=3), prompt)
+    assert spec == plain and steps == 6
