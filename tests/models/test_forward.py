@@ -65,8 +65,8 @@ def _tree_mask(parents: list[int], prefix: int) -> tuple[torch.Tensor, torch.Ten
     return mask, torch.tensor(depth) + prefix
 
 
-@pytest.mark.parametrize("backend", ["native", "transformers"])
-def test_tree_forward_equals_each_branch(backend):
+def _forward_prefix_and_tree(backend: str):
+    """A model, its cache after a 10-token prefix and the tree of `_tree`, and the tree's logits."""
     hf = tiny_model("llama-gqa")
     lm = native_forward(hf, "fp32") if backend == "native" else TransformersForward(hf, VOCAB, 256)
     prefix = _tokens(10)
@@ -75,6 +75,12 @@ def test_tree_forward_equals_each_branch(backend):
     cache = lm.new_cache(64)
     lm.forward(prefix, torch.arange(10), cache)
     tree_logits = lm.forward(tree_tokens[None], positions, cache, mask).logits[0]
+    return lm, cache, prefix, tree_tokens, parents, tree_logits
+
+
+@pytest.mark.parametrize("backend", ["native", "transformers"])
+def test_tree_forward_equals_each_branch(backend):
+    lm, _, prefix, tree_tokens, parents, tree_logits = _forward_prefix_and_tree(backend)
     for leaf in (2, 4, 6):
         path = []
         node = leaf
@@ -88,14 +94,7 @@ def test_tree_forward_equals_each_branch(backend):
 
 @pytest.mark.parametrize("backend", ["native", "transformers"])
 def test_commit_leaves_the_cache_of_the_kept_text(backend):
-    hf = tiny_model("llama-gqa")
-    lm = native_forward(hf, "fp32") if backend == "native" else TransformersForward(hf, VOCAB, 256)
-    prefix = _tokens(10)
-    tree_tokens, parents = _tree()
-    mask, positions = _tree_mask(parents, 10)
-    cache = lm.new_cache(64)
-    lm.forward(prefix, torch.arange(10), cache)
-    lm.forward(tree_tokens[None], positions, cache, mask)
+    lm, cache, prefix, tree_tokens, _, _ = _forward_prefix_and_tree(backend)
     accepted = [0, 1, 3, 4]  # the path a b' c'
     cache.keep(list(range(10)) + [10 + node for node in accepted])
     assert cache.length == 14
