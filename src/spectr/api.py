@@ -21,8 +21,8 @@ import torch
 
 from spectr.decoding import Decoder, DecodeSettings, StepStats
 from spectr.drafters import ModelDrafter, NgramDrafter
-from spectr.errors import InvalidInputError
-from spectr.models import LoadedModel, check_same_tokenizer, load_model
+from spectr.errors import InvalidInputError, UnsupportedModelError
+from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
 from spectr.processing import SamplingParams
 
 NGRAM = "ngram"
@@ -52,9 +52,19 @@ def load(
     draft: str | Path | None = NGRAM,
     precision: str = "bf16",
     draft_precision: str | None = None,
+    compile: bool = False,
 ) -> Engine:
-    """Load the target (default: SmolLM2-135M-Instruct) and a draft ('ngram', or a model path)."""
+    """Load the target (default: SmolLM2-135M-Instruct) and a draft ('ngram', or a model path).
+
+    compile: run the target through torch.compile (fp32/bf16; ~40 s per shape bucket on first use).
+    """
     target_model = load_model(target, precision=precision)
+    if compile:
+        from spectr.models.compiled import CompiledForward
+
+        if not isinstance(target_model.lm, LlamaForward):
+            raise UnsupportedModelError("--compile needs spectr's own forward; this model runs through transformers")
+        target_model.lm = CompiledForward(target_model.lm)
     draft_model = None
     if draft is not None and str(draft) != NGRAM:
         draft_model = load_model(draft, precision=draft_precision or precision)

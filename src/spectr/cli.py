@@ -11,11 +11,11 @@ bench_app = typer.Typer(help="Benchmarks, side by side with peers, on this machi
 app.add_typer(bench_app, name="bench")
 
 
-def _engine(target: str, draft: str, precision: str):
+def _engine(target: str, draft: str, precision: str, compile: bool = False):
     import spectr
 
     typer.echo(f"loading {target} ...", err=True)
-    engine = spectr.load(None if target == "default" else target, draft=draft, precision=precision)
+    engine = spectr.load(None if target == "default" else target, draft=draft, precision=precision, compile=compile)
     typer.echo(engine.describe(), err=True)
     return engine
 
@@ -28,6 +28,7 @@ def _fail(error: Exception) -> None:
 TARGET = typer.Option("default", "--target", help="Target model folder or .gguf (default: SmolLM2-135M-Instruct).")
 DRAFT = typer.Option("ngram", "--draft", help="'ngram' (prompt lookup) or a draft model folder / .gguf.")
 PRECISION = typer.Option("bf16", "--precision", help="fp32, bf16, int8 or int4 (weights; activations bf16).")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the target (fp32/bf16; ~40 s per shape bucket).")
 METHOD = typer.Option("spectr", "--method", help="ar (plain sampling), sd (one draft), spectr (k drafts).")
 RULE = typer.Option(None, "--rule", help="standard, kseq, specinfer or rsd (default: standard for sd, kseq).")
 K = typer.Option(2, "-k", help="Number of drafts.")
@@ -46,7 +47,7 @@ def generate(
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
     max_new_tokens: int = MAX_NEW,
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
-    target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
+    target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION, compile: bool = COMPILE,
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
 ) -> None:
     """Sample a continuation exactly from the target, streaming it, then print a stats line."""
@@ -54,7 +55,7 @@ def generate(
     from spectr.errors import SpectrError
 
     try:
-        engine = _engine(target, draft, precision)
+        engine = _engine(target, draft, precision, compile)
         stats = None
         for chunk in spectr.stream(
             engine, prompt, method=method, rule=rule, k=k, L=length, temperature=temperature, top_k=top_k,
@@ -139,6 +140,7 @@ def bench_forward(
     context: int = typer.Option(200, min=1, help="Cached tokens before the timed forward."),
     repeats: int = typer.Option(20, min=1, help="Interleaved repeats per backend (the minimum is reported)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the table to this Markdown file."),
+    compile: bool = typer.Option(False, "--compile", help="Also time the torch.compile path (~90 s to compile)."),
 ) -> None:
     """Time one target forward over 1 and 16 new tokens for every backend and precision."""
     from rich.progress import track
@@ -149,7 +151,7 @@ def bench_forward(
     steps = iter(track(range(repeats), description="bench forward", transient=True))
     next(steps, None)
     results = forward.run(target, context=context, new_token_counts=counts, repeats=repeats,
-                          progress=lambda: next(steps, None))
+                          progress=lambda: next(steps, None), compile=compile)
     table = forward.render(results, context, counts, repeats)
     typer.echo(table)
     if output is not None:

@@ -81,6 +81,7 @@ def run(
     new_token_counts: tuple[int, ...] = (1, 16),
     repeats: int = 20,
     progress: Callable[[], None] | None = None,
+    compile: bool = False,
 ) -> list[ForwardTiming]:
     resolved = resolve_source(source)
     hf_model, tokenizer = load_transformers(resolved)
@@ -108,6 +109,24 @@ def run(
             lm.forward(extra[:, :n], torch.arange(context, context + n), cache, logit_indices=None)
 
         steppers[name] = step
+
+    if compile:
+        from spectr.models.compiled import CompiledForward
+
+        compiled = CompiledForward(native_forward(hf_model, "bf16"), buckets=new_token_counts)
+        compiled_cache = compiled.new_cache(context + max(new_token_counts))
+        compiled.forward(ids, torch.arange(context), compiled_cache)
+        for n in new_token_counts:  # compile every bucket before timing
+            compiled_cache.truncate(context)
+            compiled.forward(extra[:, :n], torch.arange(context, context + n), compiled_cache)
+        name = "spectr bf16, torch.compile"
+        results[name] = ForwardTiming(backend=name)
+
+        def compiled_step(n: int) -> None:
+            compiled_cache.truncate(context)
+            compiled.forward(extra[:, :n], torch.arange(context, context + n), compiled_cache)
+
+        steppers[name] = compiled_step
 
     for precision in ("fp32", "bf16"):
         name = f"transformers eager {precision}"
