@@ -116,6 +116,30 @@ def chat(
 
 
 @app.command()
+def serve(
+    target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_concurrency: int = typer.Option(2, "--max-concurrency", min=1, help="Generations running at once."),
+    max_queue: int = typer.Option(8, "--max-queue", min=0, help="Requests waiting beyond those (then 429)."),
+    api_key: str | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
+    model_name: str | None = typer.Option(None, "--model-name", help="The model id clients send."),
+) -> None:
+    """An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+    import uvicorn
+
+    import spectr
+    from spectr.server import ServerSettings, create_app
+
+    settings = ServerSettings(max_concurrency=max_concurrency, max_queue=max_queue, api_key=api_key,
+                              model_name=model_name)
+    app_ = create_app(
+        lambda: spectr.load(None if target == "default" else target, draft=draft, precision=precision), settings
+    )
+    uvicorn.run(app_, host=host, port=port)
+
+
+@app.command()
 def version() -> None:
     """Print spectr's version."""
     from spectr import __version__
@@ -157,3 +181,7 @@ def bench_forward(
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(f"# Target forward cost\n\nProduced by `spectr bench forward`.\n\n{table}")
+
+
+if __name__ == "__main__":
+    app()

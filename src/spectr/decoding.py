@@ -70,6 +70,17 @@ class StepStats:
     select_seconds: float = 0.0
 
 
+def require_room(context: int, prompt_tokens: int, max_new_tokens: int, settings: DecodeSettings) -> int:
+    """Positions a generation needs (prompt, new tokens, one draft tree); raise if over the context."""
+    needed = prompt_tokens + max_new_tokens + settings.tree_size + 1
+    if needed > context:
+        raise ContextOverflowError(
+            f"the prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) + draft tree "
+            f"({settings.tree_size}) need {needed} positions; the model's context is {context}"
+        )
+    return needed
+
+
 class Decoder:
     """Samples continuations of a prompt from `target`, exactly, with help from `drafter`."""
 
@@ -98,13 +109,7 @@ class Decoder:
             raise InvalidInputError("the prompt is empty: give at least one token")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        context = self._context_length()
-        needed = len(prompt) + max_new_tokens + self.settings.tree_size + 1
-        if needed > context:
-            raise ContextOverflowError(
-                f"the prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) + draft tree "
-                f"({self.settings.tree_size}) need {needed} positions; the model's context is {context}"
-            )
+        needed = require_room(self._context_length(), len(prompt), max_new_tokens, self.settings)
         cache = self.target.new_cache(needed)
         if self.drafter is not None:
             self.drafter.reset(needed)

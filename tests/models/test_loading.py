@@ -14,12 +14,18 @@ from spectr.models import loading
 from tests.models.tiny import VOCAB, tiny_model
 
 
-def save_tiny_model(folder, kind: str = "llama-gqa", vocab_shift: int = 0):
-    """A tiny model folder with a word-level tokenizer of VOCAB tokens."""
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2 {% endif %}"
+
+
+def save_tiny_model(folder, kind: str = "llama-gqa", vocab_shift: int = 0, chat: bool = False):
+    """A tiny model folder with a word-level tokenizer of VOCAB tokens (and a chat template if `chat`)."""
     words = {f"w{i + vocab_shift}": i for i in range(VOCAB)}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="w0"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.decoder = tokenizers.decoders.WordPiece(prefix="##")  # words come back joined by spaces
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w1")
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
     tiny_model(kind).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
