@@ -21,11 +21,14 @@ import torch
 
 from spectr.decoding import Decoder, DecodeSettings, StepStats
 from spectr.drafters import ModelDrafter, NgramDrafter
-from spectr.errors import InvalidInputError, UnsupportedModelError
+from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
+from spectr.models.loading import ModelSource
 from spectr.processing import SamplingParams
 
 NGRAM = "ngram"
+DEFAULT_DRAFT = "default"
+DEFAULT_DRAFT_NAME = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -49,27 +52,56 @@ class Engine:
 
 def load(
     target: str | Path | None = None,
-    draft: str | Path | None = NGRAM,
+    draft: str | Path | None = DEFAULT_DRAFT,
     precision: str = "bf16",
     draft_precision: str | None = None,
     compile: bool = False,
 ) -> Engine:
-    """Load the target (default: SmolLM2-135M-Instruct) and a draft ('ngram', or a model path).
+    """Load the target (default: SmolLM2-135M-Instruct) and a draft: 'default' (the trained draft
+    shipped for the default target, n-gram lookups otherwise), 'ngram', a trained draft folder, or a model.
 
     compile: run the target through torch.compile (fp32/bf16; ~40 s per shape bucket on first use).
     """
     target_model = load_model(target, precision=precision)
+    draft_model = _load_draft(draft, target_model, draft_precision or precision)
     if compile:
         from spectr.models.compiled import CompiledForward
 
         if not isinstance(target_model.lm, LlamaForward):
             raise UnsupportedModelError("--compile needs spectr's own forward; this model runs through transformers")
         target_model.lm = CompiledForward(target_model.lm)
-    draft_model = None
-    if draft is not None and str(draft) != NGRAM:
-        draft_model = load_model(draft, precision=draft_precision or precision)
-        check_same_tokenizer(target_model.tokenizer, draft_model.tokenizer)
     return Engine(target=target_model, draft=draft_model)
+
+
+def shipped_draft(target: LoadedModel) -> Path | None:
+    """The trained draft shipped for this target, if there is one (today: the default target's)."""
+    from spectr.drafters.trained import is_trained_draft
+    from spectr.models.loading import default_model_source
+
+    try:
+        if target.source != default_model_source():
+            return None
+    except SpectrError:
+        return None
+    folder = Path(__file__).parent / "drafts" / DEFAULT_DRAFT_NAME
+    return folder if is_trained_draft(folder) else None
+
+
+def _load_draft(draft: str | Path | None, target: LoadedModel, precision: str) -> LoadedModel | None:
+    """None for n-gram drafts; 'default': the shipped trained draft of this target, else n-gram;
+    a trained draft folder (built around the target); or any model with the target's tokenizer."""
+    if str(draft) == DEFAULT_DRAFT:
+        draft = shipped_draft(target) or NGRAM
+    if draft is None or str(draft) == NGRAM:
+        return None
+    from spectr.drafters.trained import is_trained_draft, load_trained_draft
+
+    if is_trained_draft(draft):
+        lm = load_trained_draft(draft, target.hf_model, precision)
+        return LoadedModel(lm=lm, tokenizer=target.tokenizer, source=ModelSource(folder=Path(draft), gguf_file=None))
+    draft_model = load_model(draft, precision=precision)
+    check_same_tokenizer(target.tokenizer, draft_model.tokenizer)
+    return draft_model
 
 
 @dataclass

@@ -26,7 +26,9 @@ def _fail(error: Exception) -> None:
 
 
 TARGET = typer.Option("default", "--target", help="Target model folder or .gguf (default: SmolLM2-135M-Instruct).")
-DRAFT = typer.Option("ngram", "--draft", help="'ngram' (prompt lookup) or a draft model folder / .gguf.")
+DRAFT = typer.Option("default", "--draft",
+                     help="'default' (the shipped trained draft of the default target, else n-gram), 'ngram', "
+                          "a trained draft folder, or a draft model folder / .gguf.")
 PRECISION = typer.Option("bf16", "--precision", help="fp32, bf16, int8 or int4 (weights; activations bf16).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the target (fp32/bf16; ~40 s per shape bucket).")
 METHOD = typer.Option("spectr", "--method", help="ar (plain sampling), sd (one draft), spectr (k drafts).")
@@ -139,6 +141,44 @@ def serve(
     uvicorn.run(app_, host=host, port=port)
 
 
+@app.command("train-draft")
+def train_draft(
+    output: Path = typer.Option(..., "--output", "-o", help="Folder of the draft (checkpoints go there too)."),
+    target: str = TARGET,
+    layers: int = typer.Option(2, "--layers", min=1, help="Decoder layers of the draft."),
+    vocab: int = typer.Option(8192, "--vocab", min=16, help="Head rows kept (most frequent tokens)."),
+    steps: int = typer.Option(1200, "--steps", min=1),
+    batch: int = typer.Option(8, "--batch", min=1),
+    sequence: int = typer.Option(256, "--sequence", min=8),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate"),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1),
+    eval_tokens: int = typer.Option(8192, "--eval-tokens", min=8),
+    train_tokens: int | None = typer.Option(None, "--train-tokens", help="Read at most this many corpus tokens."),
+    resume: bool = typer.Option(True, help="Continue from the checkpoint in --output if there is one."),
+) -> None:
+    """Distil a small draft from the target on offline text (resumable; exports at every checkpoint)."""
+    from rich.progress import Progress
+
+    from spectr.errors import SpectrError
+    from spectr.training.distill import DistillConfig, train
+
+    config = DistillConfig(
+        target=None if target == "default" else target, layers=layers, vocab=vocab, sequence=sequence,
+        batch=batch, steps=steps, learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
+        eval_tokens=eval_tokens, train_tokens_limit=train_tokens,
+    )
+    try:
+        with Progress() as progress:
+            task = progress.add_task("train-draft", total=steps)
+            final = train(config, output, resume=resume, log=progress.console.print,
+                          progress=lambda step, loss: progress.update(task, completed=step,
+                                                                      description=f"loss {loss:.3f}"))
+    except SpectrError as error:
+        _fail(error)
+    typer.echo(f"held-out acceptance {final['acceptance']:.4f} after {final['tokens']} tokens; draft in {output}")
+
+
 @app.command()
 def version() -> None:
     """Print spectr's version."""
@@ -156,6 +196,29 @@ def study_rules(
     from spectr.studies import rules
 
     typer.echo(rules.main(output=output, quick=quick, command="spectr study rules"))
+
+
+@study_app.command("drafts")
+def study_drafts(
+    draft: str = typer.Option("default", "--draft", help="The trained draft to measure (default: the shipped one)."),
+    output: Path = typer.Option(Path("docs/drafts.md"), "--output", "-o"),
+    quick: bool = typer.Option(False, help="A tiny grid, for a smoke test."),
+) -> None:
+    """Acceptance and block efficiency of the drafts for the default target; writes docs/drafts.md."""
+    import json
+
+    from spectr.api import DEFAULT_DRAFT_NAME
+    from spectr.studies import drafts
+
+    folder = Path(__file__).parent / "drafts" / DEFAULT_DRAFT_NAME if draft == "default" else Path(draft)
+    reports, setup = drafts.run(str(folder), quick=quick, log=lambda message: typer.echo(message, err=True))
+    manifest = json.loads((folder / "draft.json").read_text()) if (folder / "draft.json").is_file() else None
+    text = drafts.render(reports, setup, manifest, "spectr study drafts" + (" --quick" if quick else ""))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    if manifest:
+        drafts.plot_learning_curve(manifest, output.with_suffix(".png"))
+    typer.echo(text)
 
 
 @bench_app.command("forward")

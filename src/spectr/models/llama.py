@@ -62,7 +62,14 @@ class LlamaForward:
 
     backend = "spectr"
 
-    def __init__(self, config: ModelConfig, state: dict[str, Tensor], rotary: tuple[Tensor, Tensor], precision: str):
+    def __init__(
+        self,
+        config: ModelConfig,
+        state: dict[str, Tensor],
+        rotary: tuple[Tensor, Tensor],
+        precision: str,
+        vocab_subset: Tensor | None = None,
+    ):
         if precision not in PRECISIONS:
             raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
         self.config = config
@@ -94,7 +101,10 @@ class LlamaForward:
         self.embedding = state["model.embed_tokens.weight"].to(self.dtype)  # [V, D]
         self.norm = state["model.norm.weight"].to(self.dtype)
         head = state["model.embed_tokens.weight"] if c.tie_word_embeddings else state["lm_head.weight"]
-        self.head = make_linear(head, None, precision)
+        # A draft may predict over a subset of the vocabulary only: logits elsewhere are −inf, so its
+        # distribution is zero there (still exact, and a much smaller head).
+        self.vocab_subset = vocab_subset
+        self.head = make_linear(head if vocab_subset is None else head[vocab_subset], None, precision)
         self.qkv_sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
@@ -170,4 +180,8 @@ class LlamaForward:
         if logit_indices is not None:
             x = x[:, logit_indices]
         hidden = _rms_norm(x, self.norm, c.rms_norm_eps)
-        return ForwardOutput(logits=self.head(hidden).float(), hidden=hidden)
+        logits = self.head(hidden).float()
+        if self.vocab_subset is not None:
+            full = logits.new_full((*logits.shape[:-1], c.vocab_size), float("-inf"))
+            logits = full.index_copy_(-1, self.vocab_subset, logits)
+        return ForwardOutput(logits=logits, hidden=hidden)

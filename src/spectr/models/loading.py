@@ -109,6 +109,7 @@ class LoadedModel:
     lm: LlamaForward | TransformersForward
     tokenizer: object
     source: ModelSource
+    hf_model: object = None  # the transformers model the weights came from (a trained draft borrows from it)
 
     @property
     def vocab_size(self) -> int:
@@ -131,7 +132,7 @@ def load_model(source: str | Path | None = None, precision: str = "bf16", fallba
             hf_model, hf_model.config.vocab_size, hf_model.config.max_position_embeddings,
             "fp32" if precision == "fp32" else "bf16",
         )
-    return LoadedModel(lm=lm, tokenizer=tokenizer, source=resolved)
+    return LoadedModel(lm=lm, tokenizer=tokenizer, source=resolved, hf_model=hf_model)
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:

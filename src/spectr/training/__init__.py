@@ -1,0 +1,1 @@
+"""Training drafts for a target: self-distillation on text available offline."""
