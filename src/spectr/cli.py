@@ -200,7 +200,8 @@ def study_rules(
 
 @study_app.command("drafts")
 def study_drafts(
-    draft: str = typer.Option("default", "--draft", help="The trained draft to measure (default: the shipped one)."),
+    draft: str = typer.Option("default", "--draft",
+                              help="The trained draft folder to measure (default: the one shipped, if any)."),
     output: Path = typer.Option(Path("docs/drafts.md"), "--output", "-o"),
     quick: bool = typer.Option(False, help="A tiny grid, for a smoke test."),
 ) -> None:
@@ -211,6 +212,8 @@ def study_drafts(
     from spectr.studies import drafts
 
     folder = Path(__file__).parent / "drafts" / DEFAULT_DRAFT_NAME if draft == "default" else Path(draft)
+    if not (folder / "draft.json").is_file():
+        _fail(f"no trained draft at {folder}: make one with `spectr train-draft -o DIR`, then pass --draft DIR")
     reports, setup = drafts.run(str(folder), quick=quick, log=lambda message: typer.echo(message, err=True))
     manifest = json.loads((folder / "draft.json").read_text()) if (folder / "draft.json").is_file() else None
     text = drafts.render(reports, setup, manifest, "spectr study drafts" + (" --quick" if quick else ""))
