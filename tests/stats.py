@@ -2,7 +2,6 @@
 
 import numpy as np
 import scipy.stats
-import torch
 from torch import Tensor
 
 # Every statistical test in the suite is seeded; this threshold is what a wrong rule

@@ -93,10 +93,6 @@ class Decoder:
         self.params = params
         self.rule: Rule = RULES[settings.rule_name]
 
-    def _context_length(self) -> int:
-        config = getattr(self.target, "config", None)
-        return config.context_length if config is not None else self.target.context_length
-
     def stream(
         self,
         prompt: list[int],
@@ -109,7 +105,7 @@ class Decoder:
             raise InvalidInputError("the prompt is empty: give at least one token")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        needed = require_room(self._context_length(), len(prompt), max_new_tokens, self.settings)
+        needed = require_room(self.target.config.context_length, len(prompt), max_new_tokens, self.settings)
         cache = self.target.new_cache(needed)
         if self.drafter is not None:
             self.drafter.reset(needed)

@@ -40,14 +40,13 @@ class DraftTree:
 
     def candidates(self, context: int) -> Tensor:
         """Next tokens of the drafts through `context` (−1 = root, else a node), in draft order. [k']"""
-        length = self.paths.shape[1]
         if context < 0:
             return self.tokens[self.paths[:, 0]]
-        depth = int(self.depths[context])
-        if depth >= length:
+        hits = self.paths == context  # [k, L]: a node sits in one column, its depth - 1
+        depth = int(hits.nonzero()[0, 1]) + 1
+        if depth >= self.paths.shape[1]:
             return torch.empty(0, dtype=torch.long)
-        through = self.paths[:, depth - 1] == context
-        return self.tokens[self.paths[through, depth]]
+        return self.tokens[self.paths[hits.any(-1), depth]]
 
     def child(self, context: int, token: int) -> int | None:
         """The node below `context` carrying `token`, if any."""

@@ -68,7 +68,7 @@ def _tree_mask(parents: list[int], prefix: int) -> tuple[torch.Tensor, torch.Ten
 def _forward_prefix_and_tree(backend: str):
     """A model, its cache after a 10-token prefix and the tree of `_tree`, and the tree's logits."""
     hf = tiny_model("llama-gqa")
-    lm = native_forward(hf, "fp32") if backend == "native" else TransformersForward(hf, VOCAB, 256)
+    lm = native_forward(hf, "fp32") if backend == "native" else TransformersForward(hf)
     prefix = _tokens(10)
     tree_tokens, parents = _tree()
     mask, positions = _tree_mask(parents, 10)

@@ -33,7 +33,7 @@ def save_tiny_model(folder, kind: str = "llama-gqa", vocab_shift: int = 0, chat:
 
 def test_loads_a_local_folder_natively(tmp_path):
     model = load_model(save_tiny_model(tmp_path), precision="fp32")
-    assert isinstance(model.lm, LlamaForward) and model.vocab_size == VOCAB
+    assert isinstance(model.lm, LlamaForward) and model.lm.config.vocab_size == VOCAB
     assert model.tokenizer("w3 w5").input_ids == [3, 5]
 
 

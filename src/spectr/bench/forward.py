@@ -106,7 +106,7 @@ def run(
 
         def step(n: int, lm: LlamaForward = lm, cache=cache) -> None:
             cache.truncate(context)
-            lm.forward(extra[:, :n], torch.arange(context, context + n), cache, logit_indices=None)
+            lm.forward(extra[:, :n], torch.arange(context, context + n), cache)
 
         steppers[name] = step
 
@@ -131,7 +131,7 @@ def run(
     for precision in ("fp32", "bf16"):
         name = f"transformers eager {precision}"
         copy = copy_module.deepcopy(hf_model) if precision == "bf16" else hf_model
-        hf = TransformersForward(copy, hf_model.config.vocab_size, hf_model.config.max_position_embeddings, precision)
+        hf = TransformersForward(copy, precision)
         cache = hf.new_cache(context + max(new_token_counts))
         hf.forward(ids, torch.arange(context), cache)
         results[name] = ForwardTiming(backend=name)

@@ -10,7 +10,6 @@ from dataclasses import replace
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from spectr.errors import ModelNotFoundError, UnsupportedModelError

@@ -87,15 +87,10 @@ class CompiledForward:
         self.buckets = tuple(sorted(buckets))
         self._compiled = torch.compile(_StaticForward(lm).eval(), dynamic=False)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
         """A cache with room for the largest bucket's padding past `capacity`."""
         capacity = self.config.context_length if capacity is None else capacity
-        cache = self.eager.new_cache(min(capacity + self.buckets[-1], self.config.context_length), batch)
-        return cache
+        return self.eager.new_cache(min(capacity + self.buckets[-1], self.config.context_length), batch)
 
     def forward(
         self,

@@ -111,10 +111,6 @@ class LoadedModel:
     source: ModelSource
     hf_model: object = None  # the transformers model the weights came from (a trained draft borrows from it)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.lm.config.vocab_size if isinstance(self.lm, LlamaForward) else self.lm.vocab_size
-
 
 def load_model(source: str | Path | None = None, precision: str = "bf16", fallback: bool = True) -> LoadedModel:
     """Load a model for decoding. Other architectures run through transformers when `fallback`."""
@@ -128,10 +124,7 @@ def load_model(source: str | Path | None = None, precision: str = "bf16", fallba
         if not fallback:
             raise
         log.warning("%s; falling back to transformers' forward (slower): %s", resolved, reason)
-        lm = TransformersForward(
-            hf_model, hf_model.config.vocab_size, hf_model.config.max_position_embeddings,
-            "fp32" if precision == "fp32" else "bf16",
-        )
+        lm = TransformersForward(hf_model, "fp32" if precision == "fp32" else "bf16")
     return LoadedModel(lm=lm, tokenizer=tokenizer, source=resolved, hf_model=hf_model)
 
 

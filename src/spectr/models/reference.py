@@ -41,25 +41,33 @@ class ReferenceCache:
             layer.values = layer.values[:, :, indices]
 
 
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """The part of ModelConfig every backend shares: what callers size and check against."""
+
+    vocab_size: int
+    context_length: int
+
+
 class TransformersForward:
     """forward(tokens, positions, cache, attention_mask) -> logits, computed by transformers."""
 
     backend = "transformers"
 
-    def __init__(self, hf_model, config_vocab: int, context_length: int, precision: str = "fp32"):
+    def __init__(self, hf_model, precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
             raise InvalidInputError(f"the transformers backend runs fp32 or bf16, not '{precision}'")
         self.dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         self.model = hf_model.to(self.dtype).eval()
         self.precision = precision
-        self.vocab_size = config_vocab
-        self.context_length = context_length
+        self.config = ReferenceConfig(hf_model.config.vocab_size, hf_model.config.max_position_embeddings)
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> ReferenceCache:
-        capacity = self.context_length if capacity is None else capacity
-        if not 0 < capacity <= self.context_length:
+        context = self.config.context_length
+        capacity = context if capacity is None else capacity
+        if not 0 < capacity <= context:
             raise ContextOverflowError(
-                f"a cache of {capacity} tokens was asked for; the model's context is {self.context_length}"
+                f"a cache of {capacity} tokens was asked for; the model's context is {context}"
             )
         return ReferenceCache(inner=DynamicCache(config=self.model.config), capacity=capacity)
 
@@ -78,9 +86,9 @@ class TransformersForward:
             raise ContextOverflowError(
                 f"the KV cache holds {cache.capacity} tokens; {cache.length} are in use and {num_new} more were given"
             )
-        if positions.numel() and int(positions.max()) >= self.context_length:
+        if positions.numel() and int(positions.max()) >= self.config.context_length:
             raise ContextOverflowError(
-                f"position {int(positions.max())} is beyond the model's context of {self.context_length} tokens"
+                f"position {int(positions.max())} is beyond the model's context of {self.config.context_length} tokens"
             )
         mask = causal_mask(cache.length, num_new) if attention_mask is None else attention_mask
         additive = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)

@@ -16,7 +16,6 @@ the acceptance of standard speculative sampling with one draft.
 from dataclasses import asdict, dataclass
 import json
 import math
-import random
 import time
 from pathlib import Path
 
@@ -108,7 +107,6 @@ def acceptance(student, head, teacher, chunks, kept) -> float:
 
 def train(config: DistillConfig, output: Path, resume: bool = True, progress=None, log=print) -> dict:
     torch.manual_seed(config.seed)
-    random.seed(config.seed)
     output.mkdir(parents=True, exist_ok=True)
     hf_target, tokenizer = load_transformers(resolve_source(config.target))
     teacher = native_forward(hf_target, config.teacher_precision)
