@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from spectr.decoding import Decoder, DecodeSettings, StepStats
-from spectr.drafters import ModelDrafter, NgramDrafter
+from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
 from spectr.models.loading import ModelSource
@@ -43,7 +43,11 @@ class Engine:
         return self.target.tokenizer
 
     def drafter(self):
-        return NgramDrafter() if self.draft is None else ModelDrafter(self.draft.lm)
+        if self.draft is None:
+            return NgramDrafter()
+        if getattr(self.draft.lm, "feature_projection", None) is not None:
+            return EagleDrafter(self.draft.lm)
+        return ModelDrafter(self.draft.lm)
 
     def describe(self) -> str:
         draft = "n-gram lookup" if self.draft is None else f"{self.draft.source} ({self.draft.lm.backend})"

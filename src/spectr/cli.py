@@ -7,7 +7,7 @@ import typer
 app = typer.Typer(help="spectr: exact speculative decoding with several drafts.", no_args_is_help=True)
 study_app = typer.Typer(help="Measure something and publish it under docs/.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
-bench_app = typer.Typer(help="Benchmarks, side by side with peers, on this machine.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks, side by side with peers, on this machine.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -143,40 +143,70 @@ def serve(
 
 @app.command("train-draft")
 def train_draft(
-    output: Path = typer.Option(..., "--output", "-o", help="Folder of the draft (checkpoints go there too)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder of the draft (samples and checkpoints too)."),
     target: str = TARGET,
-    layers: int = typer.Option(2, "--layers", min=1, help="Decoder layers of the draft."),
+    kind: str = typer.Option("eagle", "--kind", help="eagle: a head over the target's features (default); "
+                             "standalone: a few-layer model."),
     vocab: int = typer.Option(8192, "--vocab", min=16, help="Head rows kept (most frequent tokens)."),
-    steps: int = typer.Option(1200, "--steps", min=1),
-    batch: int = typer.Option(8, "--batch", min=1),
-    sequence: int = typer.Option(256, "--sequence", min=8),
+    steps: int = typer.Option(1500, "--steps", min=1),
     learning_rate: float = typer.Option(1e-3, "--learning-rate"),
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1),
-    eval_tokens: int = typer.Option(8192, "--eval-tokens", min=8),
-    train_tokens: int | None = typer.Option(None, "--train-tokens", help="Read at most this many corpus tokens."),
-    resume: bool = typer.Option(True, help="Continue from the checkpoint in --output if there is one."),
+    sample_tokens: int = typer.Option(400_000, "--sample-tokens", min=1,
+                                      help="eagle: tokens the target samples to train on."),
+    heldout_tokens: int = typer.Option(24_000, "--heldout-tokens", min=1,
+                                       help="eagle: tokens sampled for the held-out measurement."),
+    sample_batch: int = typer.Option(48, "--sample-batch", min=1, help="eagle: sequences sampled side by side."),
+    unroll: int = typer.Option(3, "--unroll", min=1, help="eagle: draft depths trained together."),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", min=16, help="eagle: tokens per training step."),
+    layers: int = typer.Option(2, "--layers", min=1, help="standalone: decoder layers of the draft."),
+    batch: int = typer.Option(8, "--batch", min=1, help="standalone: sequences per step."),
+    sequence: int = typer.Option(256, "--sequence", min=8, help="Longest training sequence."),
+    eval_tokens: int = typer.Option(8192, "--eval-tokens", min=8, help="standalone: held-out tokens."),
+    train_tokens: int | None = typer.Option(None, "--train-tokens", help="standalone: corpus tokens to read."),
+    resume: bool = typer.Option(True, help="Continue from the samples and checkpoint in --output."),
 ) -> None:
-    """Distil a small draft from the target on offline text (resumable; exports at every checkpoint)."""
+    """Distil a draft from the target (resumable; exports the draft at every checkpoint)."""
     from rich.progress import Progress
 
     from spectr.errors import SpectrError
-    from spectr.training.distill import DistillConfig, train
 
-    config = DistillConfig(
-        target=None if target == "default" else target, layers=layers, vocab=vocab, sequence=sequence,
-        batch=batch, steps=steps, learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
-        eval_tokens=eval_tokens, train_tokens_limit=train_tokens,
-    )
+    if kind not in ("eagle", "standalone"):
+        from spectr.errors import InvalidInputError
+
+        _fail(InvalidInputError(f"--kind must be eagle or standalone, got {kind!r}"))
+    source = None if target == "default" else target
     try:
         with Progress() as progress:
             task = progress.add_task("train-draft", total=steps)
-            final = train(config, output, resume=resume, log=progress.console.print,
-                          progress=lambda step, loss: progress.update(task, completed=step,
-                                                                      description=f"loss {loss:.3f}"))
+
+            def report(stage, done, total):
+                progress.update(task, completed=done, total=total, description=stage)
+
+            if kind == "eagle":
+                from spectr.training.eagle import EagleConfig, SampleRecipe, run_recipe
+
+                config = EagleConfig(vocab=vocab, unroll=unroll, sequence=sequence, batch_tokens=batch_tokens,
+                                     steps=steps, learning_rate=learning_rate, seed=seed,
+                                     checkpoint_every=checkpoint_every)
+                recipe = SampleRecipe(train_tokens=sample_tokens, heldout_tokens=heldout_tokens, batch=sample_batch)
+                final = run_recipe(source, output, config, recipe, resume=resume, progress=report,
+                                   log=progress.console.print)
+                summary = ", ".join(f"{label} {values[0]:.3f}" for label, values in final["acceptance"].items())
+            else:
+                from spectr.training.distill import DistillConfig, train
+
+                config = DistillConfig(
+                    target=source, layers=layers, vocab=vocab, sequence=sequence, batch=batch, steps=steps,
+                    learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
+                    eval_tokens=eval_tokens, train_tokens_limit=train_tokens,
+                )
+                final = train(config, output, resume=resume, log=progress.console.print,
+                              progress=lambda step, loss: report(f"loss {loss:.3f}", step, steps))
+                summary = f"T=1 {final['acceptance']:.3f}"
     except SpectrError as error:
         _fail(error)
-    typer.echo(f"held-out acceptance {final['acceptance']:.4f} after {final['tokens']} tokens; draft in {output}")
+    typer.echo(f"held-out acceptance (first draft token) {summary} after {final['tokens']} tokens; draft in {output}")
 
 
 @app.command()
@@ -202,26 +232,117 @@ def study_rules(
 def study_drafts(
     draft: str = typer.Option("default", "--draft",
                               help="The trained draft folder to measure (default: the one shipped, if any)."),
+    other: list[Path] = typer.Option([], "--also", help="Other trained draft folders to measure alongside."),
     output: Path = typer.Option(Path("docs/drafts.md"), "--output", "-o"),
     quick: bool = typer.Option(False, help="A tiny grid, for a smoke test."),
 ) -> None:
-    """Acceptance and block efficiency of the drafts for the default target; writes docs/drafts.md."""
+    """Acceptance, cost and block efficiency of the drafts for the default target; writes docs/drafts.md."""
     import json
 
     from spectr.api import DEFAULT_DRAFT_NAME
     from spectr.studies import drafts
 
     folder = Path(__file__).parent / "drafts" / DEFAULT_DRAFT_NAME if draft == "default" else Path(draft)
-    if not (folder / "draft.json").is_file():
-        _fail(f"no trained draft at {folder}: make one with `spectr train-draft -o DIR`, then pass --draft DIR")
-    reports, setup = drafts.run(str(folder), quick=quick, log=lambda message: typer.echo(message, err=True))
-    manifest = json.loads((folder / "draft.json").read_text()) if (folder / "draft.json").is_file() else None
-    text = drafts.render(reports, setup, manifest, "spectr study drafts" + (" --quick" if quick else ""))
+    for path in [folder, *other]:
+        if not (path / "draft.json").is_file():
+            _fail(f"no trained draft at {path}: make one with `spectr train-draft -o DIR`, then pass --draft DIR")
+    names = {}
+    for path in [folder, *other]:
+        manifest = json.loads((path / "draft.json").read_text())
+        names[f"{manifest.get('kind', 'standalone')} draft ({path.name})"] = str(path)
+    reports, setup = drafts.run(names, quick=quick, log=lambda message: typer.echo(message, err=True))
+    manifest = json.loads((folder / "draft.json").read_text())
+    command = "spectr study drafts" + "".join(f" --also {p}" for p in other) + (" --quick" if quick else "")
+    text = drafts.render(reports, setup, manifest, command)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
-    if manifest:
-        drafts.plot_learning_curve(manifest, output.with_suffix(".png"))
+    drafts.plot_learning_curve(manifest, output.with_suffix(".png"))
     typer.echo(text)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    context: typer.Context,
+    quick: bool = typer.Option(False, "--quick", help="A small run (< 10 minutes): 2 suites, 2 prompts, T 0 and 1."),
+    output: Path = typer.Option(Path("bench/results"), "--output", "-o", help="Folder for JSON, Markdown, PNGs."),
+    docs: Path | None = typer.Option(None, "--docs", help="Also write the report here (default: docs/RESULTS.md "
+                                     "for a full run, nothing for --quick)."),
+    target: str = TARGET,
+    draft: str = DRAFT,
+    precision: str = typer.Option("bf16", "--precision"),
+    suites: str = typer.Option("code,summarize,chat", "--suites"),
+    prompts: int = typer.Option(4, "--prompts", min=1, help="Prompts per suite."),
+    tokens: int = typer.Option(128, "--tokens", min=1, help="New tokens per prompt."),
+    temperatures: str = typer.Option("0,0.7,1", "--temperatures"),
+    grid_k: str = typer.Option("1,2,4,8", "--k", help="Drafts per step to try (k = 1: standard SD)."),
+    grid_length: str = typer.Option("2,4,6", "--L", help="Draft lengths to try."),
+    peers: bool = typer.Option(True, help="Also run transformers and llama.cpp."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Run spectr's methods and the peers side by side on the prompt suites; write results and plots."""
+    if context.invoked_subcommand is not None:
+        return
+    import json
+
+    from rich.progress import Progress
+
+    from spectr.bench import report, runner
+    from spectr.errors import SpectrError
+
+    if quick:
+        config = runner.BenchConfig(suites=("code", "chat"), prompts_per_suite=2, temperatures=(0.0, 1.0),
+                                    max_new_tokens=64, grid_k=(1, 2, 4), grid_length=(4,), peers=peers, seed=seed)
+        output = output / "quick" if output == Path("bench/results") else output
+    else:
+        config = runner.BenchConfig(suites=tuple(s.strip() for s in suites.split(",")), prompts_per_suite=prompts,
+                                    temperatures=_floats(temperatures), max_new_tokens=tokens, grid_k=_ints(grid_k),
+                                    grid_length=_ints(grid_length), peers=peers, seed=seed)
+        docs = docs if docs is not None else Path("docs/RESULTS.md")
+    try:
+        engine = _engine(target, draft, precision)
+        with Progress() as progress:
+            task = progress.add_task("bench", total=None)
+            result = runner.run_bench(engine, config, cache_dir=output / "cache",
+                                      progress=lambda done, total, what: progress.update(
+                                          task, completed=done, total=total, description=what))
+            progress.update(task, description="rules vs α*")
+            chat = runner.load_suite("chat", 4 if not quick else 2)
+            result["rules_vs_optimal"] = runner.rules_vs_optimal(engine, chat, config.temperatures,
+                                                                 tokens=48 if not quick else 16)
+    except SpectrError as error:
+        _fail(error)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "bench.json").write_text(json.dumps(result, indent=1))
+    command = "spectr bench --quick" if quick else "spectr bench"
+    path = report.write_report(result, output, command, docs)
+    typer.echo(report.headline_table(result))
+    typer.echo(f"results in {path}" + (f" and {docs}" if docs else ""))
+
+
+@bench_app.command("report")
+def bench_report(
+    source: Path = typer.Option(Path("bench/results/bench.json"), "--input", "-i", help="A bench run's JSON."),
+    docs: Path | None = typer.Option(Path("docs/RESULTS.md"), "--docs"),
+    command: str = typer.Option("spectr bench", "--command", help="The command that produced the JSON."),
+) -> None:
+    """Re-render the Markdown report and plots from a saved bench JSON."""
+    import json
+
+    from spectr.bench import report
+
+    if not source.is_file():
+        _fail(FileNotFoundError(f"no bench results at {source}; run `spectr bench` first"))
+    result = json.loads(source.read_text())
+    path = report.write_report(result, source.parent, command, docs)
+    typer.echo(f"report in {path}" + (f" and {docs}" if docs else ""))
 
 
 @bench_app.command("forward")

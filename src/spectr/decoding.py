@@ -92,6 +92,9 @@ class Decoder:
         self.settings = settings
         self.params = params
         self.rule: Rule = RULES[settings.rule_name]
+        # A drafter that reads the target's features (an EAGLE-style head) gets them for every
+        # token the target has run: the prompt's, then the root's and the accepted path's after each step.
+        self._feed = getattr(drafter, "uses_target_features", False)
 
     def stream(
         self,
@@ -111,10 +114,12 @@ class Decoder:
             self.drafter.reset(needed)
         text = list(prompt)
         if len(text) > 1:  # the last prompt token is the first root
-            self.target.forward(
+            out = self.target.forward(
                 torch.tensor(text[:-1])[None], torch.arange(len(text) - 1), cache,
                 logit_indices=torch.tensor([], dtype=torch.long),
             )
+            if self._feed:
+                self.drafter.observe(out.hidden[0])
         produced = 0
         while produced < max_new_tokens:
             stats = self._step(text, cache, generator)
@@ -145,14 +150,16 @@ class Decoder:
         tree = self.drafter.propose(text, self.settings.num_drafts, self.settings.length, self.params, generator)
         drafted = time.perf_counter()
         tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])[None]
-        logits = self.target.forward(
+        out = self.target.forward(
             tokens, tree_positions(tree.parents, cached), cache, tree_attention_mask(tree.parents, cached)
-        ).logits[0]
-        target_probs = logits_to_probs(logits, self.params)  # [n + 1, V]
+        )
+        target_probs = logits_to_probs(out.logits[0], self.params)  # [n + 1, V]
         verified = time.perf_counter()
         emitted, path, levels = walk(tree, target_probs, self.rule, generator)
         cache.keep(list(range(cached + 1)) + [cached + 1 + node for node in path])
         self.drafter.commit(path)
+        if self._feed:
+            self.drafter.observe(out.hidden[0, [0] + [1 + node for node in path]])
         return StepStats(
             emitted=emitted, accepted=len(path), candidates_per_level=levels, tree_nodes=tree.num_nodes,
             draft_seconds=drafted - start, verify_seconds=verified - drafted,

@@ -1,9 +1,12 @@
-"""Drafts made by `spectr train-draft`: a few layers between the target's embedding and head rows.
+"""Drafts made by `spectr train-draft`, built around the target's embedding and head rows.
 
-A draft folder holds `draft.safetensors` (its layers, final norm and the ids
-of the tokens its head predicts) and `draft.json` (the recipe and its measured
-acceptance). The embedding and the head rows are taken from the target when
-the draft is loaded, so the folder stays small.
+Two kinds: a standalone draft (a few Llama layers, format spectr-draft-1) and
+an EAGLE-style head (one layer over the target's features and the token
+embedding, format spectr-eagle-1; drafted by EagleDrafter). A draft folder
+holds `draft.safetensors` (its layers, final norm, the ids of the tokens its
+head predicts) and `draft.json` (the recipe and its measured acceptance). The
+embedding and the head rows are taken from the target when the draft is
+loaded, so the folder stays small.
 """
 
 from dataclasses import replace
@@ -30,7 +33,7 @@ def load_trained_draft(path: str | Path, hf_target, precision: str = "bf16") -> 
     if not is_trained_draft(path):
         raise ModelNotFoundError(f"{path} is not a trained draft (it needs {WEIGHTS} and {MANIFEST})")
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != "spectr-draft-1":
+    if manifest.get("format") not in ("spectr-draft-1", "spectr-eagle-1"):
         raise UnsupportedModelError(f"{path / MANIFEST} has an unknown format {manifest.get('format')!r}")
     tensors = load_file(str(path / WEIGHTS))
     kept = tensors.pop("kept_tokens").long()

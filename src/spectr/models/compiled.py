@@ -120,5 +120,5 @@ class CompiledForward:
         cache.length = start + num_new
         logits, hidden = logits[:, :num_new], hidden[:, :num_new]
         if logit_indices is not None:
-            logits, hidden = logits[:, logit_indices], hidden[:, logit_indices]
+            logits = logits[:, logit_indices]
         return ForwardOutput(logits=logits, hidden=hidden)

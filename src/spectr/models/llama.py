@@ -25,7 +25,7 @@ from spectr.models.quantize import PRECISIONS, compute_dtype, make_linear
 @dataclass(frozen=True)
 class ForwardOutput:
     logits: Tensor  # [B, T', V] float32 (T' = len(logit_indices) when given)
-    hidden: Tensor  # [B, T', D] final-norm hidden state, the input of the LM head
+    hidden: Tensor  # [B, T, D] final-norm hidden state of every new token (the LM head's input)
 
 
 @dataclass
@@ -105,6 +105,10 @@ class LlamaForward:
         # distribution is zero there (still exact, and a much smaller head).
         self.vocab_subset = vocab_subset
         self.head = make_linear(head if vocab_subset is None else head[vocab_subset], None, precision)
+        # An EAGLE-style draft head reads the target's feature with each token: its input is
+        # fc([feature; embedding]) instead of the embedding alone.
+        fc = state.get("model.fc.weight")
+        self.feature_projection = None if fc is None else make_linear(fc, state.get("model.fc.bias"), precision)
         self.qkv_sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
@@ -147,12 +151,14 @@ class LlamaForward:
         cache: KVCache,
         attention_mask: Tensor | None = None,
         logit_indices: Tensor | None = None,
+        features: Tensor | None = None,
     ) -> ForwardOutput:
         """Run tokens [B, T] at positions [B, T] (or [T]) over `cache`, writing their keys and values.
 
         attention_mask: bool [T, S] or [B, T, S], True where a new token may attend
         (S = cache.length + T); default causal. logit_indices: which of the T
         tokens need logits (all by default; the LM head is a large share of the cost).
+        features: [B, T, D], only for a draft head that reads the target's features.
         """
         batch, num_new = tokens.shape if tokens.ndim == 2 else (0, 0)
         positions = positions.expand(batch, -1) if positions.ndim == 1 else positions
@@ -164,6 +170,14 @@ class LlamaForward:
         cos = self.cos[positions].to(self.dtype)[:, None]  # [B, 1, T, E]
         sin = self.sin[positions].to(self.dtype)[:, None]
         x = self.embedding[tokens]  # [B, T, D]
+        if self.feature_projection is not None:
+            if features is None or features.shape != x.shape:
+                raise InvalidInputError(
+                    f"this draft head needs features {tuple(x.shape)} with its tokens, "
+                    f"got {None if features is None else tuple(features.shape)}")
+            x = self.feature_projection(torch.cat([features.to(self.dtype), x], -1))
+        elif features is not None:
+            raise InvalidInputError("features are only read by a draft head that was trained on them")
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(_rms_norm(x, layer.attention_norm, c.rms_norm_eps)).split(self.qkv_sizes, -1)
             q = _rotate(q.view(batch, num_new, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
@@ -177,10 +191,8 @@ class LlamaForward:
             gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
         cache.length = start + num_new
-        if logit_indices is not None:
-            x = x[:, logit_indices]
         hidden = _rms_norm(x, self.norm, c.rms_norm_eps)
-        logits = self.head(hidden).float()
+        logits = self.head(hidden if logit_indices is None else hidden[:, logit_indices]).float()
         if self.vocab_subset is not None:
             full = logits.new_full((*logits.shape[:-1], c.vocab_size), float("-inf"))
             logits = full.index_copy_(-1, self.vocab_subset, logits)

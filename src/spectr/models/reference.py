@@ -102,5 +102,5 @@ class TransformersForward:
         )
         logits, hidden = out.logits, out.hidden_states[-1]
         if logit_indices is not None:
-            logits, hidden = logits[:, logit_indices], hidden[:, logit_indices]
+            logits = logits[:, logit_indices]
         return ForwardOutput(logits=logits.float(), hidden=hidden)

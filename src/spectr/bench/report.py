@@ -1,0 +1,154 @@
+"""What people read from a bench run: Markdown tables and PNG plots, from the raw JSON alone.
+
+`spectr bench report` re-renders them from a saved JSON, so the published
+figures always come from one recorded run.
+"""
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(value, digits=2, suffix=""):
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _rows(result: dict, suite: str, temperature: float) -> list[dict]:
+    return [r for r in result["summary"] if r["suite"] == suite and r["temperature"] == temperature]
+
+
+def best_spectr(result: dict, temperature: float, suite: str = "all") -> dict | None:
+    """The fastest K-SEQ (k, L) of the grid at this temperature."""
+    rows = [r for r in _rows(result, suite, temperature) if r["rule"] == "kseq" and r["kind"] == "spectr"]
+    return max(rows, key=lambda r: r["tokens_per_second"], default=None)
+
+
+def best_sd(result: dict, temperature: float, suite: str = "all") -> dict | None:
+    rows = [r for r in _rows(result, suite, temperature) if r["kind"] == "sd"]
+    return max(rows, key=lambda r: r["tokens_per_second"], default=None)
+
+
+def headline_table(result: dict) -> str:
+    """Per temperature: ar, best sd, best SpecTr, the peers; tok/s and speedups over all suites."""
+    lines = ["| T | method | tok/s | vs spectr ar | vs HF generate | block efficiency |", "|---|---|---|---|---|---|"]
+    for temperature in result["config"]["temperatures"]:
+        picked = []
+        rows = {r["method"]: r for r in _rows(result, "all", temperature)}
+        for name in ("spectr ar",):
+            if name in rows:
+                picked.append(rows[name])
+        for row in (best_sd(result, temperature), best_spectr(result, temperature)):
+            if row is not None:
+                picked.append(row)
+        picked += [r for r in rows.values() if r["family"] != "spectr"]
+        for r in picked:
+            label = r["method"] + (" (best of grid)" if r["kind"] in ("sd", "spectr") and r["rule"] in
+                                   ("standard", "kseq") else "")
+            lines.append(f"| {temperature:g} | {label} | {r['tokens_per_second']:.1f} | "
+                         f"{_fmt(r['speedup_vs_ar'], 2, '×')} | {_fmt(r['speedup_vs_hf'], 2, '×')} | "
+                         f"{_fmt(r['block_efficiency'])} |")
+    return "\n".join(lines)
+
+
+def full_table(result: dict, temperature: float) -> str:
+    suites = list(result["config"]["suites"]) + ["all"]
+    header = "| method | " + " | ".join(f"{s} tok/s (×ar, BE)" for s in suites) + " | acceptance by position (all) | " \
+             "draft / verify / select / other |"
+    lines = [header, "|" + "---|" * (len(suites) + 3)]
+    names = [m["name"] for m in result["config"]["methods"]]
+    for name in names:
+        cells = []
+        overall = None
+        for suite in suites:
+            row = next((r for r in _rows(result, suite, temperature) if r["method"] == name), None)
+            if suite == "all":
+                overall = row
+            cells.append("–" if row is None else f"{row['tokens_per_second']:.1f} ({_fmt(row['speedup_vs_ar'])}, "
+                         f"{_fmt(row['block_efficiency'])})")
+        accepted = " ".join(f"{a:.2f}" for a in overall["acceptance_per_position"]) if overall else ""
+        split = overall["time_split"] if overall else {}
+        split_text = " / ".join(f"{split[p]:.0%}" for p in ("draft", "verify", "select", "other")) if split else "–"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {accepted} | {split_text} |")
+    return "\n".join(lines)
+
+
+def plots(result: dict, output: Path) -> list[Path]:
+    """Block efficiency vs k for each L, and speedup vs k for each L (one panel per temperature)."""
+    output.mkdir(parents=True, exist_ok=True)
+    temperatures = result["config"]["temperatures"]
+    written = []
+    for key, label, name in (("block_efficiency", "block efficiency (tokens per target pass)", "block_efficiency"),
+                             ("speedup_vs_ar", "speedup over spectr ar", "speedup")):
+        figure, axes = plt.subplots(1, len(temperatures), figsize=(4.5 * len(temperatures), 3.6), squeeze=False)
+        for axis, temperature in zip(axes[0], temperatures):
+            rows = [r for r in _rows(result, "all", temperature) if r["rule"] in ("kseq", "standard")]
+            for length in sorted({r["L"] for r in rows}):
+                points = sorted((r["k"], r[key]) for r in rows if r["L"] == length and r[key] is not None)
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=f"L = {length}")
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("k (drafts; k = 1 is standard speculative decoding)")
+            axis.set_title(f"T = {temperature:g}")
+            axis.grid(alpha=0.3)
+        axes[0][0].set_ylabel(label)
+        axes[0][-1].legend()
+        figure.tight_layout()
+        path = output / f"{name}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    if result.get("rules_vs_optimal"):
+        data = result["rules_vs_optimal"]
+        figure, axes = plt.subplots(1, len(data), figsize=(4.5 * len(data), 3.6), squeeze=False)
+        for axis, (temperature, curves) in zip(axes[0], data.items()):
+            for rule, points in curves.items():
+                axis.plot(*zip(*sorted((int(k), v) for k, v in points.items())), marker="o", label=rule)
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("k")
+            axis.set_title(f"T = {temperature}")
+            axis.grid(alpha=0.3)
+        axes[0][0].set_ylabel("first-token acceptance")
+        axes[0][-1].legend()
+        figure.tight_layout()
+        path = output / "rules_vs_optimal.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def markdown(result: dict, images: list[Path], relative_to: Path, command: str) -> str:
+    config = result["config"]
+    parts = [
+        "# spectr benchmark results", "",
+        f"Produced by `{command}`; raw numbers in the JSON next to the plots. Engine: {result['engine']}. "
+        f"Machine: {result['machine']['platform']}, {result['machine']['threads']} threads.", "",
+        f"Suites {', '.join(config['suites'])} ({config['prompts_per_suite']} prompts each), "
+        f"{config['max_new_tokens']} new tokens per prompt (end-of-sequence does not stop anyone), top-k and "
+        "top-p off for every method. Methods interleaved prompt by prompt; speedups are ratios of tok/s "
+        "measured in this one run. BE = block efficiency, emitted tokens per target forward.", "",
+        "## Headline (all suites)", "", headline_table(result), "",
+    ]
+    if result["skipped"]:
+        parts += ["Skipped here: " + "; ".join(f"**{s['method']}**: {s['reason']}" for s in result["skipped"]), ""]
+    for temperature in config["temperatures"]:
+        parts += [f"## T = {temperature:g}", "", full_table(result, temperature), ""]
+    for image in images:
+        parts += [f"![{image.stem}]({os.path.relpath(image, relative_to)})", ""]
+    if result.get("rules_vs_optimal"):
+        parts += ["First-token acceptance of each rule at real (p, q) pairs of this target and draft, against "
+                  "α* (the optimal transport acceptance; computed over subsets ordered by p/q, an upper bound).", ""]
+    return "\n".join(parts)
+
+
+def write_report(result: dict, folder: Path, command: str, docs: Path | None = None) -> Path:
+    images = plots(result, folder)
+    (folder / "results.md").write_text(markdown(result, images, folder, command))
+    if docs is not None:
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text(markdown(result, images, docs.parent, command))
+    return folder / "results.md"

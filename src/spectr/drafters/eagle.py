@@ -1,0 +1,103 @@
+"""Drafting with an EAGLE-style head (trained by `spectr train-draft`, see training/eagle.py).
+
+The head's entry at position j reads (h_{j-1}, x_j): the target's feature after
+the previous token and the token itself. Entries of committed text read the
+target's true features, which the decoder hands over after every verification
+(`observe`); entries of draft tokens read the head's own output at the parent
+node. Only true-feature entries stay in the head's cache between steps, so
+after each step the cache is cut back to the committed text and the accepted
+tokens are re-entered next time with the target's features.
+
+Slots: entry j sits in slot j − 1 (there is no entry 0: x_0 has no previous
+feature), so a cache over c committed entries ends with the root x_c.
+The k drafts are drawn i.i.d. from the head's distribution at each node and
+drafts through the same node share it, as in ModelDrafter.
+"""
+
+import torch
+
+from spectr.processing import SamplingParams, logits_to_probs
+from spectr.sampling import sample_categorical
+from spectr.tree import DraftTree, tree_attention_mask
+
+
+class EagleDrafter:
+    name = "eagle"
+    uses_target_features = True
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.cache = None
+        self.features = None  # [capacity, D] the target's features h_0, h_1, ... of the text
+        self.known = 0  # features received
+        self.entries = 0  # committed entries in the cache (j = 1..entries)
+
+    def reset(self, capacity: int) -> None:
+        self.cache = self.lm.new_cache(capacity)
+        self.features = torch.zeros(capacity, self.lm.config.hidden_size, dtype=self.lm.dtype)
+        self.known = self.entries = 0
+
+    def observe(self, features: torch.Tensor) -> None:
+        """The target's final-norm hidden states of the next text positions, in order. [n, D]"""
+        self.features[self.known : self.known + features.shape[0]] = features.to(self.features.dtype)
+        self.known += features.shape[0]
+
+    def propose(
+        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator
+    ) -> DraftTree:
+        root = len(text) - 1
+        if self.known < root:
+            raise RuntimeError(f"the head has the target's features of {self.known} tokens; it needs {root}")
+        if root == 0:  # a one-token prompt: the root's entry reads a zero feature and is not kept
+            first, features = 0, self.features.new_zeros(1, self.features.shape[1])
+        else:
+            first, features = self.entries + 1, self.features[self.entries : root]
+        out = self.lm.forward(
+            torch.tensor(text[first:])[None], torch.arange(first, root + 1), self.cache,
+            logit_indices=torch.tensor([root - first]), features=features[None],
+        )
+        self.entries = root
+        self._root_slot = self.cache.length - 1
+        rows = [logits_to_probs(out.logits[0], params)[0]]  # q at the root
+        outputs = [out.hidden[0, -1]]  # the head's predicted feature at each forwarded node (root first)
+        tokens: list[int] = []
+        parents: list[int] = []
+        paths = torch.empty(k, length, dtype=torch.long)
+        drawn = sample_categorical(rows[0][None], generator, num_samples=k)[0]
+        for depth in range(length):
+            first_new = len(tokens)
+            seen: dict[tuple[int, int], int] = {}
+            for draft in range(k):
+                key = (int(paths[draft, depth - 1]) if depth else -1, int(drawn[draft]))
+                if key not in seen:
+                    seen[key] = len(tokens)
+                    tokens.append(key[1])
+                    parents.append(key[0])
+                paths[draft, depth] = seen[key]
+            if depth == length - 1:
+                break
+            new = torch.arange(first_new, len(tokens))
+            mask = tree_attention_mask(torch.tensor(parents), cached=self._root_slot)[1 + new]
+            parent_outputs = torch.stack([outputs[1 + parents[node]] for node in new.tolist()])
+            out = self.lm.forward(
+                torch.tensor(tokens)[new][None], torch.full((new.numel(),), root + 1 + depth), self.cache, mask,
+                features=parent_outputs[None],
+            )
+            rows.extend(logits_to_probs(out.logits[0], params))
+            outputs.extend(out.hidden[0])
+            node_rows = torch.stack(rows)[1 + paths[:, depth]]
+            drawn = sample_categorical(node_rows, generator)[:, 0]
+        forwarded = len(rows) - 1
+        leaves = len(tokens) - forwarded
+        draft_probs = torch.cat([torch.stack(rows), rows[0].new_zeros(leaves, rows[0].shape[0])])
+        return DraftTree(
+            tokens=torch.tensor(tokens, dtype=torch.long),
+            parents=torch.tensor(parents, dtype=torch.long),
+            paths=paths,
+            draft_probs=draft_probs,
+        )
+
+    def commit(self, path: list[int]) -> None:
+        # Draft entries read predicted features: drop them; the accepted tokens come back with the
+        # target's own features on the next proposal.
+        self.cache.truncate(self.entries)

@@ -1,0 +1,121 @@
+"""`spectr bench` end to end on tiny random models: every method and metric lands in the JSON and report."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import spectr
+from spectr.bench import report, runner
+from spectr.bench.suites import SUITES, load_suite
+from spectr.cli import app
+from spectr.errors import InvalidInputError
+from spectr.rules import RULES
+from spectr.rules.optimal import optimal_acceptance
+from tests.models.test_loading import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    target = save_tiny_model(tmp_path_factory.mktemp("target"), chat=True)
+    draft = save_tiny_model(tmp_path_factory.mktemp("draft"), kind="llama-mha-untied", chat=True)
+    return target, draft
+
+
+@pytest.fixture(scope="module")
+def result(folders, tmp_path_factory):
+    target, draft = folders
+    engine = spectr.load(target, draft=draft, precision="fp32")
+    config = runner.BenchConfig(suites=("code", "chat"), prompts_per_suite=2, temperatures=(0.0, 1.0),
+                                max_new_tokens=8, grid_k=(1, 2), grid_length=(2,), rules_at=(2, 2))
+    out = runner.run_bench(engine, config, cache_dir=tmp_path_factory.mktemp("cache"))
+    out["rules_vs_optimal"] = runner.rules_vs_optimal(engine, load_suite("chat", 1), (1.0,), ks=(1, 2), tokens=4)
+    return out
+
+
+def test_suites_are_real_offline_text():
+    for suite in SUITES:
+        prompts = load_suite(suite, 3)
+        assert len(prompts) == 3 and len({p.text for p in prompts}) == 3
+        assert load_suite(suite, 3) == prompts  # the same prompts every time
+    assert "def " in load_suite("code", 1)[0].text  # HumanEval: a signature and docstring
+    with pytest.raises(InvalidInputError, match="unknown suite 'poems'"):
+        load_suite("poems", 1)
+
+
+def test_every_method_runs_or_is_reported_skipped(result):
+    ran = {m["name"] for m in result["config"]["methods"]}
+    skipped = {s["method"]: s["reason"] for s in result["skipped"]}
+    expected = {m.name for m in runner.spectr_methods(runner.BenchConfig(grid_k=(1, 2), grid_length=(2,),
+                                                                         rules_at=(2, 2)))}
+    expected |= {m.name for m in runner.peer_methods(runner.BenchConfig(grid_length=(2,)))}
+    assert ran | set(skipped) == expected and not ran & set(skipped)
+    assert {"hf generate", "hf prompt-lookup L=2", "hf assisted L=2"} <= ran  # a draft model: assisted runs
+    assert "not a GGUF file" in skipped["llama.cpp (same GGUF)"] or "not installed" in skipped["llama.cpp (same GGUF)"]
+    # Equal work: every method made exactly the asked number of tokens on every prompt.
+    assert {r["new_tokens"] for r in result["records"]} == {8}
+    assert len(result["records"]) == len(ran) * 4 * 2  # prompts x temperatures
+
+
+def test_summary_has_every_metric(result):
+    rows = result["summary"]
+    for row in rows:
+        for key in ("tokens_per_second", "speedup_vs_ar", "speedup_vs_hf", "block_efficiency",
+                    "acceptance_per_position", "time_split"):
+            assert key in row
+        assert row["tokens_per_second"] > 0 and 1 <= row["block_efficiency"] <= 3
+    ar = next(r for r in rows if r["method"] == "spectr ar" and r["suite"] == "all" and r["temperature"] == 1.0)
+    assert ar["speedup_vs_ar"] == pytest.approx(1.0) and ar["block_efficiency"] == 1.0
+    spec = next(r for r in rows if r["method"] == "spectr kseq k=2 L=2" and r["suite"] == "all")
+    assert set(spec["time_split"]) == {"draft", "verify", "select", "other"}
+    assert sum(spec["time_split"].values()) == pytest.approx(1.0)
+    hf = next(r for r in rows if r["method"] == "hf generate" and r["suite"] == "all")
+    assert hf["speedup_vs_hf"] == pytest.approx(1.0) and hf["block_efficiency"] == 1.0  # one pass per token
+
+
+def test_rules_vs_optimal_bound_holds(result):
+    curves = result["rules_vs_optimal"]["1"]
+    for k in (1, 2):
+        assert curves["kseq"][k] <= curves["α* (bound)"][k] + 1e-9
+    assert curves["kseq"][1] == pytest.approx(curves["α* (bound)"][1], abs=1e-9)  # k = 1: Σ min(p, q)
+
+
+def test_optimal_bound_equals_brute_force_on_small_vocabularies():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        p = torch.rand(8, generator=generator, dtype=torch.float64) ** 3
+        q = torch.rand(8, generator=generator, dtype=torch.float64) ** 3
+        p, q = p / p.sum(), q / q.sum()
+        for k in (1, 2, 4):
+            bound = runner.optimal_acceptance_bound(p, q, k)
+            exact = optimal_acceptance(p, q, k)
+            assert bound >= exact - 1e-12
+            assert RULES["kseq"].acceptance_probability(p, q, k) <= bound + 1e-9
+            assert bound == pytest.approx(exact, abs=0.02)  # ordered sets come close to the best set
+
+
+def test_report_renders_tables_and_plots(result, tmp_path):
+    docs = tmp_path / "docs" / "RESULTS.md"
+    path = report.write_report(result, tmp_path / "results", "spectr bench --test", docs)
+    text = path.read_text()
+    assert "| T | method | tok/s |" in text and "spectr kseq k=2 L=2" in text and "Skipped here" in text
+    for image in ("block_efficiency.png", "speedup.png", "rules_vs_optimal.png"):
+        assert (tmp_path / "results" / image).stat().st_size > 1000
+    assert "](../results/block_efficiency.png)" in docs.read_text()
+
+
+def test_cli_bench_writes_json_and_report(folders, tmp_path):
+    target, draft = folders
+    result = CliRunner().invoke(app, [
+        "bench", "--target", str(target), "--draft", str(draft), "--precision", "fp32", "--suites", "chat",
+        "--prompts", "1", "--tokens", "4", "--temperatures", "1", "--k", "1,2", "--L", "2", "--no-peers",
+        "-o", str(tmp_path / "out"), "--docs", str(tmp_path / "RESULTS.md"),
+    ])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert {m["name"] for m in saved["config"]["methods"]} >= {"spectr ar", "spectr kseq k=2 L=2"}
+    assert (tmp_path / "RESULTS.md").read_text().startswith("# spectr benchmark results")
+    again = CliRunner().invoke(app, ["bench", "report", "-i", str(tmp_path / "out" / "bench.json"),
+                                     "--docs", str(tmp_path / "again.md")])
+    assert again.exit_code == 0 and (tmp_path / "again.md").exists()

@@ -1,0 +1,174 @@
+"""The EAGLE-style draft head: training matches drafting, decoding stays exact, the recipe runs end to end."""
+
+import json
+
+import pytest
+import torch
+
+import spectr
+from spectr.decoding import Decoder, DecodeSettings
+from spectr.drafters import EagleDrafter
+from spectr.drafters.trained import load_trained_draft
+from spectr.models import native_forward
+from spectr.models.loading import rotary_tables
+from spectr.processing import SamplingParams
+from spectr.training.eagle import EagleConfig, EagleHead, SampleRecipe, export, run_recipe
+from tests.models.test_loading import save_tiny_model
+from tests.models.tiny import VOCAB, tiny_model
+from tests.stats import P_VALUE_THRESHOLD, chi_square_pvalue
+
+PROMPT = [3, 17, 42, 8, 25, 3, 17]
+
+
+@pytest.fixture(scope="module")
+def hf_target():
+    return tiny_model("llama-gqa", seed=0, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def head_folder(hf_target, tmp_path_factory):
+    """A random head (weights rounded to bf16, as shipped) over a reduced vocabulary, exported."""
+    torch.manual_seed(3)
+    head = EagleHead(hf_target.config, rotary_tables(hf_target.config, 256))
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.copy_((parameter * 3).to(torch.bfloat16).float())  # larger weights: a peaked q
+    kept = torch.arange(0, VOCAB, 2)  # every other token: q is zero on the rest
+    folder = tmp_path_factory.mktemp("head")
+    export(head, kept, EagleConfig(), [], folder)
+    return folder, head, kept
+
+
+def _run(target, drafter, settings, params, prompt=PROMPT, tokens=20, seed=0):
+    decoder = Decoder(target, drafter, settings, params)
+    steps = list(decoder.stream(prompt, tokens, torch.Generator().manual_seed(seed)))
+    return [t for step in steps for t in step.emitted], steps
+
+
+def test_training_unroll_matches_drafting(hf_target, head_folder):
+    """Depth r of the unrolled training pass = the r-th draft token's distribution while drafting."""
+    folder, head, kept = head_folder
+    target = native_forward(hf_target, "fp32")
+    draft = load_trained_draft(folder, hf_target, precision="fp32")
+    text = PROMPT
+    features = target.forward(torch.tensor([text]), torch.arange(len(text)), target.new_cache(32)).hidden[0]
+    drafter = EagleDrafter(draft)
+    drafter.reset(64)
+    drafter.observe(features[:-1])
+    tree = drafter.propose(text, 1, 3, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    chain = text + tree.tokens[:2].tolist()  # the root, then the first two draft tokens
+    # Entries e = 0.. read (h_e, x_{e+1}) at position e + 1; entries past the root read predictions.
+    entries = len(chain) - 1
+    inputs = torch.zeros(1, entries, features.shape[-1])
+    inputs[0, : len(text) - 1] = features[:-1]
+    with torch.no_grad():
+        outputs = head.unrolled(inputs, target.embedding[torch.tensor(chain[1:])][None],
+                                torch.arange(1, entries + 1)[None], torch.ones(1, entries, dtype=torch.bool), 3)
+    rows = hf_target.get_output_embeddings().weight[kept]
+    root_entry = len(text) - 2
+    for depth in range(3):
+        q = (outputs[depth][0, root_entry + depth] @ rows.T).softmax(-1)
+        torch.testing.assert_close(tree.draft_probs[depth][kept], q, atol=1e-4, rtol=0)
+        assert float(tree.draft_probs[depth].sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(tree.draft_probs[0][1::2].sum()) == 0.0  # nothing outside the kept tokens
+
+
+@pytest.mark.parametrize("k,length", [(1, 1), (1, 4), (3, 2), (4, 4)])
+@pytest.mark.parametrize("prompt", [PROMPT, [5]], ids=["prompt", "one-token"])
+def test_greedy_equals_plain_greedy(hf_target, head_folder, k, length, prompt):
+    target = native_forward(hf_target, "fp32")
+    draft = load_trained_draft(head_folder[0], hf_target, precision="fp32")
+    greedy = SamplingParams(temperature=0)
+    plain, _ = _run(target, None, DecodeSettings(method="ar"), greedy, prompt=prompt, tokens=24)
+    method = "sd" if k == 1 else "spectr"
+    spec, _ = _run(target, EagleDrafter(draft), DecodeSettings(method=method, k=k, length=length), greedy,
+                   prompt=prompt, tokens=24)
+    assert spec == plain
+
+
+def test_the_head_holds_the_targets_features_of_the_committed_text(hf_target, head_folder):
+    """After decoding, the head has the target's fresh features of every committed token and a cache
+    equal to a fresh pass over them: accepted drafts were re-entered with true, not predicted, features."""
+    target = native_forward(hf_target, "fp32")
+    draft = load_trained_draft(head_folder[0], hf_target, precision="fp32")
+    drafter = EagleDrafter(draft)
+    tokens, steps = _run(target, drafter, DecodeSettings(k=3, length=3), SamplingParams(temperature=1.0), tokens=30)
+    assert sum(step.accepted for step in steps) > 0
+    text = PROMPT + tokens
+    fresh = target.forward(torch.tensor([text]), torch.arange(len(text)), target.new_cache(64)).hidden[0]
+    assert drafter.known == len(text) - 1
+    torch.testing.assert_close(drafter.features[: drafter.known], fresh[:-1], atol=1e-5, rtol=0)
+    entries = drafter.entries
+    cache = draft.new_cache(64)
+    draft.forward(torch.tensor([text[1 : entries + 1]]), torch.arange(1, entries + 1), cache,
+                  features=fresh[None, :entries])
+    assert drafter.cache.length == entries
+    torch.testing.assert_close(drafter.cache.keys[:, :, :, :entries], cache.keys[:, :, :, :entries],
+                               atol=1e-5, rtol=1e-5)  # float noise; a wrong feature moves keys by O(1)
+
+
+def test_sampling_with_the_head_follows_the_target(hf_target, head_folder):
+    """Chi-square of the first two tokens (k = 3, L = 2, T = 1) against the target's exact law."""
+    target = native_forward(hf_target, "fp32")
+    draft = load_trained_draft(head_folder[0], hf_target, precision="fp32")
+    params = SamplingParams(temperature=1.0)
+    prompt = [5, 9]
+    with torch.no_grad():
+        first = target.forward(torch.tensor([prompt]), torch.arange(2), target.new_cache(4)).logits[0, -1].softmax(-1)
+        both = torch.tensor([prompt[0], prompt[1], 0]).repeat(VOCAB, 1)
+        both[:, 2] = torch.arange(VOCAB)
+        second = target.forward(both, torch.arange(3), target.new_cache(4, batch=VOCAB)).logits[:, -1].softmax(-1)
+    law = (first[:, None] * second).flatten().double()
+    decoder = Decoder(target, EagleDrafter(draft), DecodeSettings(k=3, length=2), params)
+    generator = torch.Generator().manual_seed(1)
+    outcomes, accepted = [], 0
+    for _ in range(3000):
+        steps = list(decoder.stream(prompt, 2, generator))
+        tokens = [t for step in steps for t in step.emitted]
+        outcomes.append(tokens[0] * VOCAB + tokens[1])
+        accepted += steps[0].accepted
+    assert accepted > 300  # the draft takes part
+    assert chi_square_pvalue(torch.tensor(outcomes), law) > P_VALUE_THRESHOLD
+
+
+def test_a_drafter_fed_wrong_features_is_caught(hf_target, head_folder):
+    draft = load_trained_draft(head_folder[0], hf_target, precision="fp32")
+    drafter = EagleDrafter(draft)
+    drafter.reset(32)
+    with pytest.raises(RuntimeError, match="features of 0 tokens; it needs 6"):
+        drafter.propose(PROMPT, 2, 2, SamplingParams(), torch.Generator())
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    folder = save_tiny_model(tmp_path_factory.mktemp("target"), chat=True)
+    output = tmp_path_factory.mktemp("eagle")
+    config = EagleConfig(vocab=48, unroll=2, sequence=24, batch_tokens=64, steps=3, checkpoint_every=2,
+                         eval_sequences=4)
+    recipe = SampleRecipe(train_tokens=300, heldout_tokens=60, batch=4, max_new_tokens=12, precision="fp32")
+    final = run_recipe(str(folder), output, config, recipe, resume=False, log=lambda message: None)
+    return folder, output, config, recipe, final
+
+
+def test_recipe_samples_trains_checkpoints_and_resumes(recipe_run):
+    folder, output, config, recipe, final = recipe_run
+    assert final["step"] == 3 and set(final["acceptance"]) == {"T=1", "T=0.7", "greedy"}
+    assert all(0 <= value <= 1 for values in final["acceptance"].values() for value in values)
+    manifest = json.loads((output / "draft.json").read_text())
+    assert manifest["format"] == "spectr-eagle-1" and manifest["samples"]["train_tokens"] == 300
+    assert [entry["step"] for entry in manifest["history"]] == [0, 2, 3]
+    shards = sorted((output / "samples" / "train").glob("shard-*.pt"))
+    assert shards
+    more = EagleConfig(**{**config.__dict__, "steps": 4})
+    resumed = run_recipe(str(folder), output, more, recipe, resume=True, log=lambda message: None)
+    assert resumed["step"] == 4
+    assert sorted((output / "samples" / "train").glob("shard-*.pt")) == shards  # no resampling
+
+
+def test_recipe_output_loads_as_the_draft_and_decodes_exactly(recipe_run):
+    folder, output, _, _, _ = recipe_run
+    engine = spectr.load(folder, draft=output, precision="fp32")
+    assert isinstance(engine.drafter(), EagleDrafter)
+    plain = spectr.generate(engine, "w3 w5 w7", method="ar", temperature=0, max_new_tokens=16)
+    spec = spectr.generate(engine, "w3 w5 w7", method="spectr", k=3, length=3, temperature=0, max_new_tokens=16)
+    assert spec.tokens == plain.tokens
