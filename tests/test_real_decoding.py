@@ -39,3 +39,28 @@ def test_greedy_spectr_equals_greedy_target(target, prompt):
     # A model draft too (the target itself as its own draft: every token accepted).
     spec, steps = run(target, ModelDrafter(target), DecodeSettings(k=2, length=3), prompt)
     assert spec == plain and steps == 6
+
+
+def test_the_shipped_draft_is_the_default_and_decodes_exactly(real_model, prompt):
+    """Offline: the trained head shipped in the package is the default draft of the default target."""
+    import spectr
+    from spectr.api import shipped_draft
+    from spectr.drafters import EagleDrafter
+    from spectr.drafters.trained import load_trained_draft
+    from spectr.models.loading import LoadedModel, ModelSource, default_model_source
+
+    hf_model, tokenizer = real_model
+    source = default_model_source()
+    target_model = LoadedModel(lm=native_forward(hf_model, "fp32"), tokenizer=tokenizer, source=source,
+                               hf_model=hf_model)
+    folder = shipped_draft(target_model)
+    assert folder is not None, "no trained draft is shipped for the default target"
+    draft = load_trained_draft(folder, hf_model, precision="fp32")
+    engine = spectr.Engine(target=target_model,
+                           draft=LoadedModel(lm=draft, tokenizer=tokenizer, source=ModelSource(folder, None)))
+    assert isinstance(engine.drafter(), EagleDrafter)
+    plain, _ = run(engine.target.lm, None, DecodeSettings(method="ar"), prompt, tokens=32)
+    for k, length in ((1, 4), (4, 4)):
+        spec, steps = run(engine.target.lm, engine.drafter(), DecodeSettings(k=k, length=length), prompt, tokens=32)
+        assert spec == plain, (k, length)
+        assert steps < 32 * 0.75  # the trained head is right often enough to matter

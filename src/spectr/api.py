@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from spectr.decoding import Decoder, DecodeSettings, StepStats
+from spectr.decoding import Decoder, DecodeSettings, StepStats, default_shape
 from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
@@ -196,8 +196,8 @@ def stream(
     *,
     method: str = "spectr",
     rule: str | None = None,
-    k: int = 2,
-    L: int = 4,
+    k: int | None = None,
+    L: int | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -207,7 +207,9 @@ def stream(
     chat: bool = False,
 ) -> Iterator[Chunk]:
     """Sample a continuation of `prompt` exactly from the target, streaming text as steps finish."""
-    settings = DecodeSettings(method=method, rule=rule, k=k, length=L)
+    default_k, default_length = default_shape(temperature)  # the bench's best shape for this temperature
+    settings = DecodeSettings(method=method, rule=rule, k=default_k if k is None else k,
+                              length=default_length if L is None else L)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     stops = [s for s in (stop or []) if s]
     ids = encode_prompt(engine, prompt, chat)

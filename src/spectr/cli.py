@@ -33,8 +33,8 @@ PRECISION = typer.Option("bf16", "--precision", help="fp32, bf16, int8 or int4 (
 COMPILE = typer.Option(False, "--compile", help="torch.compile the target (fp32/bf16; ~40 s per shape bucket).")
 METHOD = typer.Option("spectr", "--method", help="ar (plain sampling), sd (one draft), spectr (k drafts).")
 RULE = typer.Option(None, "--rule", help="standard, kseq, specinfer or rsd (default: standard for sd, kseq).")
-K = typer.Option(2, "-k", help="Number of drafts.")
-L = typer.Option(4, "-L", help="Tokens per draft.")
+K = typer.Option(None, "-k", help="Number of drafts (default: the bench's best for the temperature).")
+L = typer.Option(None, "-L", help="Tokens per draft (default: the bench's best for the temperature).")
 TEMPERATURE = typer.Option(1.0, "--temperature", help="0 = greedy.")
 TOP_K = typer.Option(0, "--top-k", help="0 = off.")
 TOP_P = typer.Option(1.0, "--top-p", help="1 = off.")
@@ -45,7 +45,7 @@ MAX_NEW = typer.Option(128, "--max-new-tokens")
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The prompt (a user message with --chat)."),
-    method: str = METHOD, rule: str | None = RULE, k: int = K, length: int = L,
+    method: str = METHOD, rule: str | None = RULE, k: int | None = K, length: int | None = L,
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
     max_new_tokens: int = MAX_NEW,
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
@@ -56,6 +56,10 @@ def generate(
     import spectr
     from spectr.errors import SpectrError
 
+    from spectr.decoding import default_shape
+
+    k = default_shape(temperature)[0] if k is None else k
+    length = default_shape(temperature)[1] if length is None else length
     try:
         engine = _engine(target, draft, precision, compile)
         stats = None
@@ -73,7 +77,7 @@ def generate(
 
 @app.command()
 def chat(
-    method: str = METHOD, rule: str | None = RULE, k: int = K, length: int = L,
+    method: str = METHOD, rule: str | None = RULE, k: int | None = K, length: int | None = L,
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,

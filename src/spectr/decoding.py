@@ -26,6 +26,15 @@ from spectr.walk import walk
 
 METHODS = ("ar", "sd", "spectr")
 
+# The (k, L) used when none is given: the fastest K-SEQ shape of `spectr bench`'s grid on this
+# machine with the shipped draft, for greedy decoding and for sampling (docs/RESULTS.md).
+DEFAULT_SHAPE = {"greedy": (2, 4), "sampling": (2, 4)}
+
+
+def default_shape(temperature: float) -> tuple[int, int]:
+    """(k, L) for a temperature when the caller gives none."""
+    return DEFAULT_SHAPE["greedy" if temperature == 0 else "sampling"]
+
 
 @dataclass(frozen=True)
 class DecodeSettings:

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
 from spectr import api
-from spectr.decoding import DecodeSettings, require_room
+from spectr.decoding import DecodeSettings, default_shape, require_room
 from spectr.errors import ContextOverflowError, SpectrError
 from spectr.processing import SamplingParams
 from spectr.server.metrics import ServerMetrics
@@ -159,7 +159,9 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
             raise ApiError(400, "only n = 1 is supported", param="n")
         max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
         try:
-            settings_ = DecodeSettings(method=body.method, rule=body.rule, k=body.k, length=body.L)
+            default_k, default_length = default_shape(body.temperature)
+            settings_ = DecodeSettings(method=body.method, rule=body.rule, k=body.k or default_k,
+                                       length=body.L or default_length)
             SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
             ids = api.encode_prompt(engine, prompt, chat=not isinstance(prompt, str))
             if not ids:
@@ -175,7 +177,8 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
                 ) from None
         except SpectrError as error:
             raise ApiError(400, str(error)) from None
-        options = dict(method=body.method, rule=body.rule, k=body.k, L=body.L, temperature=body.temperature,
+        options = dict(method=body.method, rule=body.rule, k=settings_.k, L=settings_.length,
+                       temperature=body.temperature,
                        top_k=body.top_k, top_p=body.top_p, seed=body.seed, max_new_tokens=max_tokens,
                        stop=body.stops())
         return ids, options

@@ -23,8 +23,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # spectr's own
-    k: int = Field(default=2, ge=1)
-    L: int = Field(default=4, ge=1)
+    k: int | None = Field(default=None, ge=1)  # None: the default shape for the temperature
+    L: int | None = Field(default=None, ge=1)
     method: Literal["ar", "sd", "spectr"] = "spectr"
     rule: Literal["standard", "kseq", "specinfer", "rsd"] | None = None
 
