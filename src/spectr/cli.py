@@ -151,12 +151,12 @@ def train_draft(
     target: str = TARGET,
     kind: str = typer.Option("eagle", "--kind", help="eagle: a head over the target's features (default); "
                              "standalone: a few-layer model."),
-    vocab: int = typer.Option(8192, "--vocab", min=16, help="Head rows kept (most frequent tokens)."),
-    steps: int = typer.Option(1500, "--steps", min=1),
+    vocab: int = typer.Option(12288, "--vocab", min=16, help="Head rows kept (most frequent tokens)."),
+    steps: int = typer.Option(600, "--steps", min=1),
     learning_rate: float = typer.Option(1e-3, "--learning-rate"),
     seed: int = typer.Option(0, "--seed"),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1),
-    sample_tokens: int = typer.Option(400_000, "--sample-tokens", min=1,
+    checkpoint_every: int = typer.Option(60, "--checkpoint-every", min=1),
+    sample_tokens: int = typer.Option(275_823, "--sample-tokens", min=1,
                                       help="eagle: tokens the target samples to train on."),
     heldout_tokens: int = typer.Option(24_000, "--heldout-tokens", min=1,
                                        help="eagle: tokens sampled for the held-out measurement."),
@@ -165,7 +165,8 @@ def train_draft(
     batch_tokens: int = typer.Option(4096, "--batch-tokens", min=16, help="eagle: tokens per training step."),
     layers: int = typer.Option(2, "--layers", min=1, help="standalone: decoder layers of the draft."),
     batch: int = typer.Option(8, "--batch", min=1, help="standalone: sequences per step."),
-    sequence: int = typer.Option(256, "--sequence", min=8, help="Longest training sequence."),
+    sequence: int | None = typer.Option(None, "--sequence", min=8,
+                                        help="Longest training sequence (eagle 320, standalone 256)."),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", min=8, help="standalone: held-out tokens."),
     train_tokens: int | None = typer.Option(None, "--train-tokens", help="standalone: corpus tokens to read."),
     resume: bool = typer.Option(True, help="Continue from the samples and checkpoint in --output."),
@@ -190,7 +191,7 @@ def train_draft(
             if kind == "eagle":
                 from spectr.training.eagle import EagleConfig, SampleRecipe, run_recipe
 
-                config = EagleConfig(vocab=vocab, unroll=unroll, sequence=sequence, batch_tokens=batch_tokens,
+                config = EagleConfig(vocab=vocab, unroll=unroll, sequence=sequence or 320, batch_tokens=batch_tokens,
                                      steps=steps, learning_rate=learning_rate, seed=seed,
                                      checkpoint_every=checkpoint_every)
                 recipe = SampleRecipe(train_tokens=sample_tokens, heldout_tokens=heldout_tokens, batch=sample_batch)
@@ -201,7 +202,7 @@ def train_draft(
                 from spectr.training.distill import DistillConfig, train
 
                 config = DistillConfig(
-                    target=source, layers=layers, vocab=vocab, sequence=sequence, batch=batch, steps=steps,
+                    target=source, layers=layers, vocab=vocab, sequence=sequence or 256, batch=batch, steps=steps,
                     learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
                     eval_tokens=eval_tokens, train_tokens_limit=train_tokens,
                 )
@@ -325,7 +326,10 @@ def bench(
         _fail(error)
     output.mkdir(parents=True, exist_ok=True)
     (output / "bench.json").write_text(json.dumps(result, indent=1))
-    command = "spectr bench --quick" if quick else "spectr bench"
+    import shlex
+    import sys
+
+    command = "spectr " + shlex.join(sys.argv[1:])  # exactly what was run, to reproduce it
     path = report.write_report(result, output, command, docs)
     typer.echo(report.headline_table(result))
     typer.echo(f"results in {path}" + (f" and {docs}" if docs else ""))

@@ -109,6 +109,8 @@ class LlamaForward:
         # fc([feature; embedding]) instead of the embedding alone.
         fc = state.get("model.fc.weight")
         self.feature_projection = None if fc is None else make_linear(fc, state.get("model.fc.bias"), precision)
+        self.input_norms = [state[f"model.{name}_norm.weight"].to(self.dtype) if f"model.{name}_norm.weight" in state
+                            else None for name in ("feature", "embedding")]
         self.qkv_sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
@@ -175,7 +177,9 @@ class LlamaForward:
                 raise InvalidInputError(
                     f"this draft head needs features {tuple(x.shape)} with its tokens, "
                     f"got {None if features is None else tuple(features.shape)}")
-            x = self.feature_projection(torch.cat([features.to(self.dtype), x], -1))
+            inputs = [features.to(self.dtype), x]
+            inputs = [v if w is None else _rms_norm(v, w, c.rms_norm_eps) for v, w in zip(inputs, self.input_norms)]
+            x = self.feature_projection(torch.cat(inputs, -1))
         elif features is not None:
             raise InvalidInputError("features are only read by a draft head that was trained on them")
         for index, layer in enumerate(self.layers):
