@@ -19,6 +19,7 @@ reason, never dropped.
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 import copy
+import importlib.util
 import platform
 import time
 from pathlib import Path
@@ -110,9 +111,7 @@ class Peers:
             return ("the draft is not a model transformers can load (an EAGLE-style head or a trained layer stack "
                     "reads spectr's own format; n-gram drafts are compared through prompt lookup)")
         if method.family == "llama.cpp":
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
+            if importlib.util.find_spec("llama_cpp") is None:
                 return "llama-cpp-python is not installed (pip install -e '.[peers]'; compiles llama.cpp, ~17 min)"
             if source.gguf_file is None:
                 return "the target is not a GGUF file"
