@@ -25,18 +25,21 @@ def hf_target():
     return tiny_model("llama-gqa", seed=0, initializer_range=0.3)
 
 
-@pytest.fixture(scope="module")
-def head_folder(hf_target, tmp_path_factory):
+def _random_head(hf_target, folder, scale: float):
     """A random head (weights rounded to bf16, as shipped) over a reduced vocabulary, exported."""
     torch.manual_seed(3)
     head = EagleHead(hf_target.config, rotary_tables(hf_target.config, 256))
     with torch.no_grad():
         for parameter in head.parameters():
-            parameter.copy_((parameter * 3).to(torch.bfloat16).float())  # larger weights: a peaked q
+            parameter.copy_((parameter * scale).to(torch.bfloat16).float())
     kept = torch.arange(0, VOCAB, 2)  # every other token: q is zero on the rest
-    folder = tmp_path_factory.mktemp("head")
     export(head, kept, EagleConfig(), [], folder)
     return folder, head, kept
+
+
+@pytest.fixture(scope="module")
+def head_folder(hf_target, tmp_path_factory):
+    return _random_head(hf_target, tmp_path_factory.mktemp("head"), scale=3.0)  # large weights: a peaked q
 
 
 def _run(target, drafter, settings, params, prompt=PROMPT, tokens=20, seed=0):
@@ -107,10 +110,23 @@ def test_the_head_holds_the_targets_features_of_the_committed_text(hf_target, he
                                atol=1e-5, rtol=1e-5)  # float noise; a wrong feature moves keys by O(1)
 
 
-def test_sampling_with_the_head_follows_the_target(hf_target, head_folder):
+class _MisreportingDrafter(EagleDrafter):
+    """Negative control: samples from q but tells the rule a different q (sharper, renormalised)."""
+
+    def propose(self, *args, **kwargs):
+        tree = super().propose(*args, **kwargs)
+        sharper = tree.draft_probs**2
+        tree.draft_probs = sharper / sharper.sum(-1, keepdim=True).clamp(min=1e-30)
+        return tree
+
+
+@pytest.mark.parametrize("drafter_class,exact", [(EagleDrafter, True), (_MisreportingDrafter, False)],
+                         ids=["head", "misreported-q"])
+def test_sampling_with_the_head_follows_the_target(hf_target, tmp_path, drafter_class, exact):
     """Chi-square of the first two tokens (k = 3, L = 2, T = 1) against the target's exact law."""
     target = native_forward(hf_target, "fp32")
-    draft = load_trained_draft(head_folder[0], hf_target, precision="fp32")
+    folder, _, _ = _random_head(hf_target, tmp_path, scale=0.3)  # small weights: a flat q, often accepted
+    draft = load_trained_draft(folder, hf_target, precision="fp32")
     params = SamplingParams(temperature=1.0)
     prompt = [5, 9]
     with torch.no_grad():
@@ -119,7 +135,7 @@ def test_sampling_with_the_head_follows_the_target(hf_target, head_folder):
         both[:, 2] = torch.arange(VOCAB)
         second = target.forward(both, torch.arange(3), target.new_cache(4, batch=VOCAB)).logits[:, -1].softmax(-1)
     law = (first[:, None] * second).flatten().double()
-    decoder = Decoder(target, EagleDrafter(draft), DecodeSettings(k=3, length=2), params)
+    decoder = Decoder(target, drafter_class(draft), DecodeSettings(k=3, length=2), params)
     generator = torch.Generator().manual_seed(1)
     outcomes, accepted = [], 0
     for _ in range(3000):
@@ -128,7 +144,7 @@ def test_sampling_with_the_head_follows_the_target(hf_target, head_folder):
         outcomes.append(tokens[0] * VOCAB + tokens[1])
         accepted += steps[0].accepted
     assert accepted > 300  # the draft takes part
-    assert chi_square_pvalue(torch.tensor(outcomes), law) > P_VALUE_THRESHOLD
+    assert (chi_square_pvalue(torch.tensor(outcomes), law) > P_VALUE_THRESHOLD) == exact
 
 
 def test_a_drafter_fed_wrong_features_is_caught(hf_target, head_folder):
@@ -170,5 +186,5 @@ def test_recipe_output_loads_as_the_draft_and_decodes_exactly(recipe_run):
     engine = spectr.load(folder, draft=output, precision="fp32")
     assert isinstance(engine.drafter(), EagleDrafter)
     plain = spectr.generate(engine, "w3 w5 w7", method="ar", temperature=0, max_new_tokens=16)
-    spec = spectr.generate(engine, "w3 w5 w7", method="spectr", k=3, length=3, temperature=0, max_new_tokens=16)
+    spec = spectr.generate(engine, "w3 w5 w7", method="spectr", k=3, L=3, temperature=0, max_new_tokens=16)
     assert spec.tokens == plain.tokens
