@@ -119,3 +119,8 @@ def test_cli_bench_writes_json_and_report(folders, tmp_path):
     again = CliRunner().invoke(app, ["bench", "report", "-i", str(tmp_path / "out" / "bench.json"),
                                      "--docs", str(tmp_path / "again.md")])
     assert again.exit_code == 0 and (tmp_path / "again.md").exists()
+
+
+def test_cli_bench_names_a_bad_list(folders):
+    result = CliRunner().invoke(app, ["bench", "--target", str(folders[0]), "--temperatures", "hot"])
+    assert result.exit_code == 2 and "comma-separated list of floats" in result.output

@@ -265,12 +265,15 @@ def study_drafts(
     typer.echo(text)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in text.split(",") if part.strip())
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(",") if part.strip())
+def _numbers(text: str, kind: type, option: str) -> tuple:
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise typer.BadParameter(f"expected a comma-separated list of {kind.__name__}s, got {text!r}",
+                                 param_hint=option)
+    return values
 
 
 @bench_app.callback(invoke_without_command=True)
@@ -308,8 +311,8 @@ def bench(
         output = output / "quick" if output == Path("bench/results") else output
     else:
         config = runner.BenchConfig(suites=tuple(s.strip() for s in suites.split(",")), prompts_per_suite=prompts,
-                                    temperatures=_floats(temperatures), max_new_tokens=tokens, grid_k=_ints(grid_k),
-                                    grid_length=_ints(grid_length), peers=peers, seed=seed)
+                                    temperatures=_numbers(temperatures, float, '--temperatures'), max_new_tokens=tokens, grid_k=_numbers(grid_k, int, '--k'),
+                                    grid_length=_numbers(grid_length, int, '--L'), peers=peers, seed=seed)
         docs = docs if docs is not None else Path("docs/RESULTS.md")
     try:
         engine = _engine(target, draft, precision)

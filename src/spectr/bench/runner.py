@@ -28,6 +28,7 @@ import torch
 
 from spectr.bench.suites import Prompt, load_suite
 from spectr.decoding import Decoder, DecodeSettings
+from spectr.drafters.base import root_distributions
 from spectr.processing import SamplingParams
 
 
@@ -193,24 +194,19 @@ class Peers:
 
 
 def run_spectr(engine, method: Method, ids: list[int], temperature: float, max_new_tokens: int, seed: int) -> Record:
+    from spectr.api import GenerationStats
+
     settings = DecodeSettings(method=method.kind, rule=method.rule, k=method.k, length=method.length)
     drafter = engine.drafter() if method.kind != "ar" else None
     decoder = Decoder(engine.target.lm, drafter, settings, SamplingParams(temperature=temperature))
-    record = Record(method.name, "", "", temperature, len(ids), 0, 0.0, 0)
+    stats = GenerationStats()
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for step in decoder.stream(ids, max_new_tokens, generator):  # no stop tokens: equal work for all
-        record.new_tokens += len(step.emitted)
-        record.target_passes += 1
-        for position in range(step.accepted):
-            if position == len(record.accepted_per_position):
-                record.accepted_per_position.append(0)
-            record.accepted_per_position[position] += 1
-        record.draft_seconds += step.draft_seconds
-        record.verify_seconds += step.verify_seconds
-        record.select_seconds += step.select_seconds
-    record.seconds = time.perf_counter() - start
-    return record
+        stats.add(step)
+    return Record(method.name, "", "", temperature, len(ids), stats.new_tokens, time.perf_counter() - start,
+                  stats.steps, stats.accepted_per_position, stats.draft_seconds, stats.verify_seconds,
+                  stats.select_seconds)
 
 
 def encode(engine, prompt: Prompt) -> list[int]:
@@ -317,29 +313,21 @@ def rules_vs_optimal(engine, prompts: list[Prompt], temperatures: tuple[float, .
     """
     from spectr.rules import RULES
 
-    drafter = engine.drafter()
     result: dict = {}
     pairs: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {t: [] for t in temperatures if t > 0}
     lm = engine.target.lm
     for index, prompt in enumerate(prompts):
         ids = encode(engine, prompt)
-        sample = ids + _sample(engine, ids, tokens, seed + index)
+        sample = ids + sample_continuation(engine, ids, tokens, seed + index)
         out = lm.forward(torch.tensor([sample]), torch.arange(len(sample)), lm.new_cache(len(sample)))
         for temperature in pairs:
             params = SamplingParams(temperature=temperature)
-            drafter.reset(len(sample) + 8)
-            if getattr(drafter, "uses_target_features", False):
-                drafter.observe(out.hidden[0, : len(ids) - 1])
-            for position in range(len(ids) - 1, len(sample) - 1):
-                tree = drafter.propose(sample[: position + 1], 1, 1, params, torch.Generator().manual_seed(0))
-                if tree.draft_probs is None:
+            for position, q in root_distributions(engine.drafter(), sample, len(ids) - 1, out.hidden[0], params):
+                if q is None:
                     return {}  # a deterministic draft: nothing to couple
                 p = torch.softmax(out.logits[0, position].double() / temperature, -1)
-                q = tree.draft_probs[0].double()
+                q = q.double()
                 pairs[temperature].append((p, q / q.sum()))  # float64 throughout: bounds compare exactly
-                drafter.commit([])
-                if getattr(drafter, "uses_target_features", False):
-                    drafter.observe(out.hidden[0, position : position + 1])
     for temperature, items in pairs.items():
         curves: dict[str, dict[int, float]] = {"α* (bound)": {}, "kseq": {}, "specinfer": {}}
         for k in ks:
@@ -351,6 +339,7 @@ def rules_vs_optimal(engine, prompts: list[Prompt], temperatures: tuple[float, .
     return result
 
 
-def _sample(engine, ids: list[int], tokens: int, seed: int) -> list[int]:
-    decoder = Decoder(engine.target.lm, None, DecodeSettings(method="ar"), SamplingParams(temperature=1.0))
+def sample_continuation(engine, ids: list[int], tokens: int, seed: int, temperature: float = 1.0) -> list[int]:
+    """The target's own continuation of `ids` (plain sampling), as token ids."""
+    decoder = Decoder(engine.target.lm, None, DecodeSettings(method="ar"), SamplingParams(temperature=temperature))
     return [t for step in decoder.stream(ids, tokens, torch.Generator().manual_seed(seed)) for t in step.emitted]

@@ -9,6 +9,9 @@ from spectr.tree import DraftTree
 
 
 class Drafter(Protocol):
+    """A drafter may also set `uses_target_features = True` and define `observe(features)`: the decoder
+    then hands it the target's final-norm hidden states of every token the target has run."""
+
     name: str
 
     def reset(self, capacity: int) -> None:
@@ -21,3 +24,20 @@ class Drafter(Protocol):
 
     def commit(self, path: list[int]) -> None:
         """The walk accepted these nodes of the last tree: keep only them (and the text before)."""
+
+
+def root_distributions(drafter, text: list[int], first: int, target_hidden: torch.Tensor, params: SamplingParams):
+    """Yield (position, q) for every position in first..len(text)-2: the drafter's distribution of
+    the token after `text[:position + 1]`, fed exactly as the decoder feeds it when every draft is
+    rejected (a measurement helper; target_hidden [len(text), D] from one target pass over text).
+    q is None for a drafter without a distribution (n-gram lookups)."""
+    feeds = getattr(drafter, "uses_target_features", False)
+    drafter.reset(len(text) + 8)
+    if feeds:
+        drafter.observe(target_hidden[:first])
+    for position in range(first, len(text) - 1):
+        tree = drafter.propose(text[: position + 1], 1, 1, params, torch.Generator().manual_seed(position))
+        yield position, None if tree.draft_probs is None else tree.draft_probs[0]
+        drafter.commit([])
+        if feeds:
+            drafter.observe(target_hidden[position : position + 1])

@@ -11,13 +11,13 @@ tokens are re-entered next time with the target's features.
 Slots: entry j sits in slot j − 1 (there is no entry 0: x_0 has no previous
 feature), so a cache over c committed entries ends with the root x_c.
 The k drafts are drawn i.i.d. from the head's distribution at each node and
-drafts through the same node share it, as in ModelDrafter.
+drafts through the same node share it (`grow_tree`, as ModelDrafter).
 """
 
 import torch
 
+from spectr.drafters.model import grow_tree
 from spectr.processing import SamplingParams, logits_to_probs
-from spectr.sampling import sample_categorical
 from spectr.tree import DraftTree, tree_attention_mask
 
 
@@ -57,45 +57,21 @@ class EagleDrafter:
             logit_indices=torch.tensor([root - first]), features=features[None],
         )
         self.entries = root
-        self._root_slot = self.cache.length - 1
-        rows = [logits_to_probs(out.logits[0], params)[0]]  # q at the root
+        root_slot = self.cache.length - 1
         outputs = [out.hidden[0, -1]]  # the head's predicted feature at each forwarded node (root first)
-        tokens: list[int] = []
-        parents: list[int] = []
-        paths = torch.empty(k, length, dtype=torch.long)
-        drawn = sample_categorical(rows[0][None], generator, num_samples=k)[0]
-        for depth in range(length):
-            first_new = len(tokens)
-            seen: dict[tuple[int, int], int] = {}
-            for draft in range(k):
-                key = (int(paths[draft, depth - 1]) if depth else -1, int(drawn[draft]))
-                if key not in seen:
-                    seen[key] = len(tokens)
-                    tokens.append(key[1])
-                    parents.append(key[0])
-                paths[draft, depth] = seen[key]
-            if depth == length - 1:
-                break
-            new = torch.arange(first_new, len(tokens))
-            mask = tree_attention_mask(torch.tensor(parents), cached=self._root_slot)[1 + new]
+
+        def forward_nodes(new, tokens, parents, depth):
+            mask = tree_attention_mask(torch.tensor(parents), cached=root_slot)[1 + new]
             parent_outputs = torch.stack([outputs[1 + parents[node]] for node in new.tolist()])
-            out = self.lm.forward(
+            node_out = self.lm.forward(
                 torch.tensor(tokens)[new][None], torch.full((new.numel(),), root + 1 + depth), self.cache, mask,
                 features=parent_outputs[None],
             )
-            rows.extend(logits_to_probs(out.logits[0], params))
-            outputs.extend(out.hidden[0])
-            node_rows = torch.stack(rows)[1 + paths[:, depth]]
-            drawn = sample_categorical(node_rows, generator)[:, 0]
-        forwarded = len(rows) - 1
-        leaves = len(tokens) - forwarded
-        draft_probs = torch.cat([torch.stack(rows), rows[0].new_zeros(leaves, rows[0].shape[0])])
-        return DraftTree(
-            tokens=torch.tensor(tokens, dtype=torch.long),
-            parents=torch.tensor(parents, dtype=torch.long),
-            paths=paths,
-            draft_probs=draft_probs,
-        )
+            outputs.extend(node_out.hidden[0])
+            return logits_to_probs(node_out.logits[0], params)
+
+        tree, _ = grow_tree(logits_to_probs(out.logits[0], params)[0], k, length, generator, forward_nodes)
+        return tree
 
     def commit(self, path: list[int]) -> None:
         # Draft entries read predicted features: drop them; the accepted tokens come back with the

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 import spectr
+from spectr.bench.runner import sample_continuation
 from spectr.bench.suites import CHAT_PROMPTS
-from spectr.decoding import Decoder, DecodeSettings
+from spectr.drafters.base import root_distributions
 from spectr.processing import SamplingParams, logits_to_probs
 
 TEMPERATURES = {"T = 1": 1.0, "T = 0.7": 0.7, "greedy": 0.0}
@@ -39,10 +40,7 @@ def sample_answers(engine: spectr.Engine, count: int, tokens: int, seed: int) ->
     sequences = []
     for index, prompt in enumerate(CHAT_PROMPTS[:count]):
         ids = spectr.api.encode_prompt(engine, prompt, chat=True)
-        decoder = Decoder(engine.target.lm, None, DecodeSettings(method="ar"), SamplingParams(temperature=1.0))
-        generator = torch.Generator().manual_seed(seed + index)
-        answer = [t for step in decoder.stream(ids, tokens, generator) for t in step.emitted]
-        sequences.append((len(ids), ids + answer))
+        sequences.append((len(ids), ids + sample_continuation(engine, ids, tokens, seed + index)))
     return sequences
 
 
@@ -53,19 +51,9 @@ def acceptance(engine: spectr.Engine, sequences, temperature: float) -> float:
     values = []
     for prompt_length, ids in sequences:
         out = lm.forward(torch.tensor([ids]), torch.arange(len(ids)), lm.new_cache(len(ids)))
-        drafter = engine.drafter()
-        feeds = getattr(drafter, "uses_target_features", False)
-        drafter.reset(len(ids) + 8)
-        if feeds:
-            drafter.observe(out.hidden[0, : prompt_length - 1])
-        for position in range(prompt_length - 1, len(ids) - 1):
-            tree = drafter.propose(ids[: position + 1], 1, 1, params, torch.Generator().manual_seed(position))
+        for position, q in root_distributions(engine.drafter(), ids, prompt_length - 1, out.hidden[0], params):
             p = logits_to_probs(out.logits[0, position : position + 1], params)[0]
-            q = tree.draft_probs[0]
             values.append(float(p.argmax() == q.argmax()) if temperature == 0 else float(torch.minimum(p, q).sum()))
-            drafter.commit([])
-            if feeds:
-                drafter.observe(out.hidden[0, position : position + 1])
     return statistics.fmean(values)
 
 

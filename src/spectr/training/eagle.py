@@ -131,8 +131,8 @@ class EagleHead(nn.Module):
                 enable_gqa=self.heads != self.kv_heads,
             )
             x = x + self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-            x = x + self.down_proj(F.silu(self.gate_proj(_rms_norm(x, self.post_attention_layernorm, self.eps)))
-                                   * self.up_proj(_rms_norm(x, self.post_attention_layernorm, self.eps)))
+            normed = _rms_norm(x, self.post_attention_layernorm, self.eps)
+            x = x + self.down_proj(F.silu(self.gate_proj(normed)) * self.up_proj(normed))
             out = _rms_norm(x, self.norm, self.eps)
             outputs.append(out)
             inputs = torch.cat([out.new_zeros(batch, 1, out.shape[-1]), out[:, :-1]], 1)  # ĥ at j−1 feeds j
@@ -214,15 +214,11 @@ def frequent_tokens(sequences: list[Sequence], count: int, vocab_size: int) -> T
     return frequency.topk(count).indices.sort().values
 
 
-def _embed(embedding: Tensor, tokens: Tensor) -> Tensor:
-    return embedding[tokens]
-
-
 def head_losses(head: EagleHead, batch: Batch, embedding: Tensor, kept_rows: Tensor, config: EagleConfig):
     """Per-depth cross-entropy to the target on the kept tokens, and the weighted total."""
     with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the teacher in full precision
         target_p = (batch.target_features @ kept_rows.T - batch.target_lse[..., None]).exp()  # [B, T, K]
-    outputs = head.unrolled(batch.features, _embed(embedding, batch.tokens), batch.positions, batch.valid,
+    outputs = head.unrolled(batch.features, embedding[batch.tokens], batch.positions, batch.valid,
                             config.unroll)
     index = torch.arange(batch.tokens.shape[1])
     losses = []
@@ -243,7 +239,7 @@ def evaluate(head: EagleHead, sequences: list[Sequence], embedding: Tensor, head
     counts = [0] * config.unroll
     for start in range(0, len(sequences), 4):
         batch = make_batch(sequences[start : start + 4], config.sequence)
-        outputs = head.unrolled(batch.features, _embed(embedding, batch.tokens), batch.positions, batch.valid,
+        outputs = head.unrolled(batch.features, embedding[batch.tokens], batch.positions, batch.valid,
                                 config.unroll)
         target_logits = batch.target_features @ head_rows.T  # [B, T, V] full vocabulary
         index = torch.arange(batch.tokens.shape[1])
