@@ -29,7 +29,8 @@ def test_generate_collects_the_stream(engine):
     assert result.text == "".join(chunk.text for chunk in streamed)
     assert streamed[-1].finished and result.finish_reason in ("length", "stop")
     assert result.stats.new_tokens == len(result.tokens) <= 20
-    assert result.stats.block_efficiency >= 1.0
+    assert result.stats.steps == len(streamed)  # one chunk a target pass
+    assert result.stats.block_efficiency == len(result.tokens) / len(streamed)
     assert spectr.generate(engine, PROMPT, **options).tokens == result.tokens  # seeded
 
 
@@ -41,13 +42,36 @@ def test_methods_agree_greedily(engine):
     assert runs["ar"] == runs["sd"] == runs["spectr"]
 
 
-def test_stop_strings_cut_the_text(engine):
-    full = spectr.generate(engine, PROMPT, temperature=0, max_new_tokens=16)
+@pytest.fixture(scope="module")
+def self_drafted(tiny_folder):
+    """The target drafts for itself: every draft is accepted, so each step emits L + 1 tokens."""
+    return spectr.load(tiny_folder, draft=tiny_folder, precision="fp32")
+
+
+def test_stop_strings_across_tokens_trim_the_tokens_and_the_stats(self_drafted):
+    options = dict(seed=3, temperature=1.0, max_new_tokens=24, k=1, L=4)
+    full = spectr.generate(self_drafted, PROMPT, **options)
     words = full.text.split()
-    assert len(words) > 3
-    stop = words[3]
-    cut = spectr.generate(engine, PROMPT, temperature=0, max_new_tokens=16, stop=[stop])
-    assert stop not in cut.text and full.text.startswith(cut.text) and cut.finish_reason == "stop"
+    assert len(full.tokens) == 24 and len(set(words)) > 10  # varied text: the cut cannot be trivially empty
+    stop = words[6][-1] + " " + words[7][:2]  # spans tokens 6 and 7; token 7 is inside the second step
+    assert full.text.index(stop) == len(" ".join(words[:7])) - 1
+    cut = spectr.generate(self_drafted, PROMPT, stop=[stop], **options)
+    assert cut.finish_reason == "stop"
+    assert cut.text == " ".join(words[:7])[:-1]
+    assert cut.tokens == full.tokens[:8]  # up to the token that completes the stop string, as ar would stop
+    assert (cut.stats.new_tokens, cut.stats.steps, cut.stats.accepted_per_position) == (8, 2, [2, 2, 2, 1])
+    streamed = list(spectr.stream(self_drafted, PROMPT, stop=[stop], **options))
+    assert "".join(chunk.text for chunk in streamed) == cut.text
+    assert [token for chunk in streamed for token in chunk.tokens] == cut.tokens
+
+
+def test_seeded_generation_repeats_with_every_drafter(tiny_folder, engine, self_drafted):
+    for drafted in (engine, self_drafted):
+        for method in ("ar", "sd", "spectr"):
+            options = dict(method=method, seed=11, temperature=1.0, max_new_tokens=16, k=2, L=3)
+            first = spectr.generate(drafted, PROMPT, **options)
+            assert spectr.generate(drafted, PROMPT, **options).tokens == first.tokens
+            assert spectr.generate(drafted, PROMPT, **{**options, "seed": 12}).tokens != first.tokens
 
 
 def test_bad_requests_are_named(engine):
@@ -61,11 +85,15 @@ def test_bad_requests_are_named(engine):
 
 def test_cli_generate(tiny_folder):
     result = CliRunner().invoke(
-        app, ["generate", PROMPT, "--target", str(tiny_folder), "--precision", "fp32", "--seed", "1",
-              "--max-new-tokens", "12", "-k", "2", "-L", "2"],
+        app, ["generate", PROMPT, "--target", str(tiny_folder), "--draft", "ngram", "--precision", "fp32",
+              "--seed", "1", "--max-new-tokens", "12", "-k", "2", "-L", "2"],
     )
     assert result.exit_code == 0, result.output
-    assert "block efficiency" in result.output
+    expected = spectr.generate(spectr.load(tiny_folder, draft="ngram", precision="fp32"), PROMPT, seed=1,
+                               max_new_tokens=12, k=2, L=2)
+    assert expected.text in result.output  # the CLI streams exactly what the library samples
+    assert f"{expected.stats.new_tokens} tokens in" in result.output
+    assert f"{expected.stats.steps} target passes" in result.output
 
 
 def test_cli_names_bad_input(tiny_folder):

@@ -8,7 +8,8 @@ import torch
 import spectr
 from spectr.decoding import Decoder, DecodeSettings
 from spectr.drafters import EagleDrafter
-from spectr.drafters.trained import load_trained_draft
+from spectr.errors import UnsupportedModelError
+from spectr.drafters.trained import load_trained_draft, target_identity
 from spectr.models import native_forward
 from spectr.models.loading import rotary_tables
 from spectr.processing import SamplingParams
@@ -33,7 +34,7 @@ def _random_head(hf_target, folder, scale: float):
         for parameter in head.parameters():
             parameter.copy_((parameter * scale).to(torch.bfloat16).float())
     kept = torch.arange(0, VOCAB, 2)  # every other token: q is zero on the rest
-    export(head, kept, EagleConfig(), [], folder)
+    export(head, kept, EagleConfig(), [], folder, target_identity(hf_target))
     return folder, head, kept
 
 
@@ -188,3 +189,53 @@ def test_recipe_output_loads_as_the_draft_and_decodes_exactly(recipe_run):
     plain = spectr.generate(engine, "w3 w5 w7", method="ar", temperature=0, max_new_tokens=16)
     spec = spectr.generate(engine, "w3 w5 w7", method="spectr", k=3, L=3, temperature=0, max_new_tokens=16)
     assert spec.tokens == plain.tokens
+
+
+def test_a_draft_for_another_target_is_refused(hf_target, head_folder, tmp_path):
+    """Same architecture and vocabulary, other weights: the draft would read the wrong embedding rows."""
+    other = tiny_model("llama-gqa", seed=1, initializer_range=0.3)
+    with pytest.raises(UnsupportedModelError, match="trained for another target: weights_sha256"):
+        load_trained_draft(head_folder[0], other, precision="fp32")
+    smaller = tiny_model("llama-gqa", seed=0, initializer_range=0.3, num_hidden_layers=1)
+    with pytest.raises(UnsupportedModelError, match="num_layers 2 \\(this target: 1\\)"):
+        load_trained_draft(head_folder[0], smaller, precision="fp32")
+    unbound = tmp_path / "unbound"
+    unbound.mkdir()
+    for name in ("draft.safetensors", "draft.json"):
+        (unbound / name).write_bytes((head_folder[0] / name).read_bytes())
+    manifest = json.loads((unbound / "draft.json").read_text())
+    del manifest["target"]
+    (unbound / "draft.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnsupportedModelError, match="does not record which target"):
+        load_trained_draft(unbound, hf_target, precision="fp32")
+    assert load_trained_draft(head_folder[0], hf_target, precision="fp32") is not None
+
+
+@pytest.fixture(scope="module")
+def agreeing(tmp_path_factory):
+    """A one-layer target and a head that reproduces it (sharpened): most drafts are right."""
+    from tests.decoder_law import law_target, sharpened_head
+
+    hf = law_target()
+    folder = sharpened_head(hf, tmp_path_factory.mktemp("agreeing-head"))
+    return native_forward(hf, "fp32"), load_trained_draft(folder, hf, precision="fp32")
+
+
+@pytest.mark.parametrize("k,length", [(1, 4), (3, 3)])
+def test_greedy_with_a_head_that_agrees_accepts_and_equals_plain_greedy(agreeing, k, length):
+    target, head = agreeing
+    greedy = SamplingParams(temperature=0)
+    plain, _ = _run(target, None, DecodeSettings(method="ar"), greedy, tokens=40)
+    spec, steps = _run(target, EagleDrafter(head), DecodeSettings(method="sd" if k == 1 else "spectr", k=k,
+                                                                  length=length), greedy, tokens=40)
+    assert spec == plain
+    kept = sum(step.accepted for step in steps[:-1]) / (length * len(steps[:-1]))
+    assert kept > 0.5, f"the head kept {kept:.2f} of its drafted tokens"
+
+
+def test_seeded_sampling_with_the_head_repeats(agreeing):
+    target, head = agreeing
+    settings, params = DecodeSettings(k=3, length=3), SamplingParams(temperature=1.0)
+    first, _ = _run(target, EagleDrafter(head), settings, params, tokens=30, seed=4)
+    assert _run(target, EagleDrafter(head), settings, params, tokens=30, seed=4)[0] == first
+    assert _run(target, EagleDrafter(head), settings, params, tokens=30, seed=5)[0] != first

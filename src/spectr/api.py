@@ -222,20 +222,31 @@ def stream(
     hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
     start = time.perf_counter()
     for step in decoder.stream(ids, max_new_tokens, generator, stop_ids):
+        text = _decode(engine.tokenizer, tokens + step.emitted, stop_ids)
+        if any(s in text for s in stops):
+            # A stop string ends the generation at the token that completes it, as decoding one
+            # token at a time would: later tokens of this step are dropped from tokens and stats.
+            step.truncate(next(n for n in range(1, len(step.emitted) + 1)
+                               if any(s in _decode(engine.tokenizer, tokens + step.emitted[:n], stop_ids)
+                                      for s in stops)))
+            text = _decode(engine.tokenizer, tokens + step.emitted, stop_ids)
         stats.add(step)
         stats.seconds = time.perf_counter() - start
         tokens.extend(step.emitted)
-        ended_by_eos = tokens[-1] in stop_ids
-        text = engine.tokenizer.decode(tokens[:-1] if ended_by_eos else tokens, skip_special_tokens=True)
         cut = min((text.find(s) for s in stops if s in text), default=-1)
-        if cut >= 0 or ended_by_eos or len(tokens) >= max_new_tokens:
+        if cut >= 0 or tokens[-1] in stop_ids or len(tokens) >= max_new_tokens:
             final = text[:cut] if cut >= 0 else text
-            reason = "stop" if (cut >= 0 or ended_by_eos) else "length"
+            reason = "stop" if (cut >= 0 or tokens[-1] in stop_ids) else "length"
             yield Chunk(final[len(shown):], step.emitted, step, stats, finished=True, finish_reason=reason)
             return
         visible = text[: max(len(shown), len(text) - hold)]
         yield Chunk(visible[len(shown):], step.emitted, step, stats)
         shown = visible
+
+
+def _decode(tokenizer, tokens: list[int], stop_ids: frozenset[int]) -> str:
+    """The text of generated tokens; a closing stop token (EOS) is not shown."""
+    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens, skip_special_tokens=True)
 
 
 def generate(engine: Engine, prompt: str | list[int] | list[dict], **options) -> GenerationResult:

@@ -79,6 +79,13 @@ class StepStats:
     verify_seconds: float = 0.0
     select_seconds: float = 0.0
 
+    def truncate(self, count: int) -> None:
+        """Keep the first `count` emitted tokens (a generation ended inside this step): the accepted
+        tokens and the levels counted are those among them."""
+        self.emitted = self.emitted[:count]
+        self.accepted = min(self.accepted, count)
+        self.candidates_per_level = self.candidates_per_level[:count]
+
 
 def require_room(context: int, prompt_tokens: int, max_new_tokens: int, settings: DecodeSettings) -> int:
     """Positions a generation needs (prompt, new tokens, one draft tree); raise if over the context."""
@@ -133,16 +140,12 @@ class Decoder:
         produced = 0
         while produced < max_new_tokens:
             stats = self._step(text, cache, generator)
-            emitted = stats.emitted[: max_new_tokens - produced]
-            for position, token in enumerate(emitted):
-                if token in stop_token_ids:
-                    emitted = emitted[: position + 1]
-                    break
-            stats.emitted = emitted
-            text.extend(emitted)
-            produced += len(emitted)
+            ends = [position + 1 for position, token in enumerate(stats.emitted) if token in stop_token_ids]
+            stats.truncate(min(ends + [max_new_tokens - produced]))
+            text.extend(stats.emitted)
+            produced += len(stats.emitted)
             yield stats
-            if emitted[-1] in stop_token_ids:
+            if stats.emitted[-1] in stop_token_ids:
                 return
 
     def _step(self, text: list[int], cache, generator: torch.Generator) -> StepStats:

@@ -50,3 +50,12 @@ def test_bad_operations_are_named():
     with pytest.raises(ContextOverflowError, match="holds 8 tokens; 4 are in use and 5 more"):
         cache.reserve(5)
     assert _slots(cache) == [0, 1, 2, 3]  # untouched by the refused calls
+
+
+def test_keep_nothing_empties_the_cache():
+    cache = _filled(5)
+    cache.keep([])
+    assert cache.length == 0
+    cache.write(0, 0, torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1))  # and it fills again from slot 0
+    cache.length = 1
+    assert _slots(cache) == [1.0]

@@ -34,3 +34,23 @@ def test_compiled_equals_eager_on_trees_and_commits():
 def test_quantised_weights_are_not_compiled():
     with pytest.raises(InvalidInputError, match="int4 run eagerly"):
         CompiledForward(native_forward(tiny_model(), "int4"))
+
+
+def test_compiled_decoding_equals_eager_greedy_decoding():
+    """The whole loop through the compiled target: ar steps (bucket 1) and verified trees (bucket 8)."""
+    from spectr.decoding import Decoder, DecodeSettings
+    from spectr.drafters import ModelDrafter
+    from spectr.processing import SamplingParams
+
+    eager = native_forward(tiny_model("llama-gqa", initializer_range=0.3), "fp32")
+    compiled = CompiledForward(eager, buckets=(1, 8))
+    greedy, prompt = SamplingParams(temperature=0), [3, 17, 42, 8]
+
+    def run(target, settings, drafter=None):
+        steps = list(Decoder(target, drafter, settings, greedy).stream(prompt, 16, torch.Generator()))
+        return [token for step in steps for token in step.emitted], steps
+
+    plain, _ = run(eager, DecodeSettings(method="ar"))
+    assert run(compiled, DecodeSettings(method="ar"))[0] == plain
+    spec, steps = run(compiled, DecodeSettings(k=2, length=3), ModelDrafter(eager))
+    assert spec == plain and all(step.accepted == 3 for step in steps[:-1])  # a perfect draft: full trees

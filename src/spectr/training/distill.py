@@ -24,13 +24,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaModel
 
+from spectr.drafters.trained import MANIFEST, WEIGHTS, target_identity
 from spectr.models.llama import LlamaForward
 from spectr.models.loading import load_transformers, native_forward, resolve_source
 from spectr.training.corpus import token_chunks
 
 CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "draft.safetensors"
-MANIFEST = "draft.json"
 
 
 @dataclass
@@ -162,19 +161,19 @@ def train(config: DistillConfig, output: Path, resume: bool = True, progress=Non
             torch.save({"student": {k: v for k, v in student.state_dict().items() if k != "embed_tokens.weight"},
                         "optimizer": optimizer.state_dict(), "step": step, "history": history,
                         "rng": torch.get_rng_state()}, checkpoint)
-            export(student, kept, source_layers, config, history, output)
+            export(student, kept, source_layers, config, history, output, target_identity(hf_target))
     return history[-1]
 
 
 def export(student: LlamaModel, kept: torch.Tensor, source_layers: list[int], config: DistillConfig,
-           history: list[dict], output: Path) -> None:
+           history: list[dict], output: Path, target: dict) -> None:
     """The shippable draft: its layers, final norm and kept token ids, plus a manifest with the recipe."""
     tensors = {f"model.{name}": tensor.detach().to(torch.bfloat16).contiguous()
                for name, tensor in student.state_dict().items() if name != "embed_tokens.weight"}
     tensors["kept_tokens"] = kept.to(torch.int32)
     save_file(tensors, str(output / WEIGHTS))
     evaluated = [h for h in history if h["acceptance"] is not None]
-    manifest = {"format": "spectr-draft-1", "layers": config.layers, "initialised_from_target_layers": source_layers,
+    manifest = {"format": "spectr-draft-1", "target": target, "layers": config.layers, "initialised_from_target_layers": source_layers,
                 "recipe": asdict(config), "history": evaluated,
                 "held_out_acceptance": evaluated[-1]["acceptance"] if evaluated else None}
     (output / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from spectr.drafters.trained import MANIFEST, WEIGHTS, target_identity
 from spectr.training.samples import Sequence
 
 CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "draft.safetensors"
-MANIFEST = "draft.json"
 FORMAT = "spectr-eagle-1"
 
 
@@ -273,6 +272,7 @@ def train(config: EagleConfig, target, train_sequences: list[Sequence], eval_seq
     embedding = target_state["model.embed_tokens.weight"].float()
     head_rows = (embedding if hf_config.tie_word_embeddings else target_state["lm_head.weight"].float())
     kept = frequent_tokens(train_sequences, config.vocab, hf_config.vocab_size)
+    identity = target_identity(target)
     kept_rows = head_rows[kept]
     covered = sum(int(torch.isin(s.tokens[s.prompt_length:], kept).sum()) for s in eval_sequences)
     total = sum(s.tokens.numel() - s.prompt_length for s in eval_sequences)
@@ -326,13 +326,14 @@ def train(config: EagleConfig, target, train_sequences: list[Sequence], eval_seq
                         "history": history}, checkpoint)
             # The exported weights are the best so far on held-out text (first draft token, T = 1).
             scores = [h["acceptance"]["T=1"][0] for h in history if h["acceptance"] is not None]
-            export(head, kept, config, history, output, extra, weights=scores[-1] >= max(scores))
+            export(head, kept, config, history, output, identity, extra, weights=scores[-1] >= max(scores))
     return history[-1]
 
 
-def export(head: EagleHead, kept: Tensor, config: EagleConfig, history: list[dict], output: Path,
+def export(head: EagleHead, kept: Tensor, config: EagleConfig, history: list[dict], output: Path, target: dict,
            extra: dict | None = None, weights: bool = True) -> None:
-    """The shippable head (bf16 weights + the kept token ids) and a manifest with the recipe and curve.
+    """The shippable head (bf16 weights + the kept token ids) and a manifest with the recipe, the curve
+    and the identity of its target (`drafters.trained.target_identity`).
 
     weights=False updates only the manifest (the weights on disk stay those of a better checkpoint).
     """
@@ -342,7 +343,7 @@ def export(head: EagleHead, kept: Tensor, config: EagleConfig, history: list[dic
         save_file(tensors, str(output / WEIGHTS))
     evaluated = [h for h in history if h["acceptance"] is not None]
     exported = max(evaluated, key=lambda h: h["acceptance"]["T=1"][0]) if evaluated else None
-    manifest = {"format": FORMAT, "kind": "eagle", "layers": 1, "recipe": asdict(config), **(extra or {}),
+    manifest = {"format": FORMAT, "kind": "eagle", "target": target, "layers": 1, "recipe": asdict(config), **(extra or {}),
                 "history": evaluated, "exported_step": exported["step"] if exported else None,
                 "held_out_acceptance": exported["acceptance"] if exported else None}
     (output / MANIFEST).write_text(json.dumps(manifest, indent=1))
