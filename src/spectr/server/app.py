@@ -4,18 +4,21 @@ Generations run in a bounded pool of worker threads (the engine API stays
 synchronous: one replica, one engine; the weights are shared, each generation
 has its own caches). At most `max_concurrency` run and `max_queue` wait; past
 that a request gets 429 with Retry-After. A streaming client that disconnects
-cancels its generation at the next decoding step, which frees its slot.
+cancels its generation at the next decoding step, which frees its slot. A
+generation that fails answers 500 (or, mid-stream, an error event) and frees its
+slot too.
 """
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +34,8 @@ from spectr.server.metrics import ServerMetrics
 from spectr.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 DEFAULT_MAX_TOKENS = 16
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def internal_error_body(error: BaseException) -> dict:
+    """A 500's body; it names the exception's type, as some exceptions have no message."""
+    return error_body(f"internal error: {type(error).__name__}: {error}", "server_error")
+
+
 class Slots:
     """Admission control: running + waiting generations never exceed the pool plus the queue."""
 
@@ -73,7 +83,9 @@ class Slots:
             self.used -= 1
 
 
-def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings = ServerSettings()) -> FastAPI:
+def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings = ServerSettings(),
+               stream: Callable[..., Iterator["api.Chunk"]] = api.stream) -> FastAPI:
+    """The app; `stream` generates (api.stream's signature), replaceable so tests can hold or break generations."""
     state: dict = {"engine": None, "error": None}
     metrics = ServerMetrics()
     pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="spectr-generate")
@@ -108,6 +120,12 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
         metrics.requests.labels(request.url.path, str(error.status)).inc()
         return JSONResponse(error_body(error.message, error.kind, error.param), error.status, headers=error.headers)
 
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, error: Exception):
+        # an OpenAI-style body instead of Starlette's plain text; Starlette re-raises, so the traceback is still logged
+        metrics.requests.labels(request.url.path, "500").inc()
+        return JSONResponse(internal_error_body(error), 500)
+
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError):
         problems = error.errors()
@@ -126,6 +144,8 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
 
     def ready_engine() -> "api.Engine":
+        if state["error"] is not None:  # no Retry-After: retrying will not load it
+            raise ApiError(500, f"the model failed to load: {state['error']}", kind="server_error")
         if state["engine"] is None:
             raise ApiError(503, "the model is still loading", kind="server_error",
                            headers={"Retry-After": str(settings.retry_after_seconds)})
@@ -206,16 +226,17 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
         """In a worker thread: generate, hand each chunk to `emit`, stop early when cancelled."""
         started = time.perf_counter()
         last = None
-        for chunk in api.stream(state["engine"], ids, **options):
-            now = time.perf_counter()
-            if last is None:
-                metrics.first_token.observe(now - started)
-            elif chunk.tokens:
-                metrics.inter_token.observe((now - last) / len(chunk.tokens))
-            last = now
-            emit(chunk)
-            if cancelled.is_set():
-                return
+        with closing(stream(state["engine"], ids, **options)) as chunks:  # a cancelled one frees its caches now
+            for chunk in chunks:
+                now = time.perf_counter()
+                if last is None:
+                    metrics.first_token.observe(now - started)
+                elif chunk.tokens:
+                    metrics.inter_token.observe((now - last) / len(chunk.tokens))
+                last = now
+                emit(chunk)
+                if cancelled.is_set():
+                    return
 
     async def generate(request: Request, body: SamplingFields, prompt, endpoint: str, shape: Callable):
         check_key(request)
@@ -270,8 +291,10 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
                     if item is done:
                         break
                     if isinstance(item, BaseException):
-                        yield {"data": json.dumps(error_body(str(item), "server_error"))}
-                        break
+                        log.error("a streamed generation failed", exc_info=item)
+                        metrics.requests.labels(request.url.path, "500").inc()
+                        yield {"data": json.dumps(internal_error_body(item))}
+                        return  # no usage and no [DONE]: the generation did not complete
                     stats = item.stats
                     if item.text or item.finished:
                         piece = shape(request_id, created, item.text, item.finish_reason, None, stream=True)
