@@ -18,8 +18,6 @@ the likely tokens, which hold most of the mass, and accepts them only in part.
 
 from dataclasses import dataclass
 
-import numpy as np
-import scipy.stats
 import torch
 
 from spectr.decoding import Decoder, DecodeSettings
@@ -32,6 +30,7 @@ from spectr.rules.base import SelectionPlan
 from spectr.rules.kseq import KSeqRule, kseq_plan, kseq_rho_star
 from spectr.training.eagle import EagleConfig, EagleHead, export
 from tests.models.tiny import tiny_model
+from tests.stats import pooled_chi_square_pvalue
 
 RATIO_EDGES = torch.tensor([-1.0, 0.0])  # log2 q/p: under-proposed by 2x or more (q = 0 too), under, over
 SHARPEN = 1.6  # the drafts' logits are the target's times this (before the shared temperature)
@@ -125,7 +124,10 @@ class LawCheck:
 
 
 def root_draft_probs(drafter, text: list[int], params: SamplingParams, target_hidden: torch.Tensor) -> torch.Tensor:
-    """q after every prefix text[:t + 1], t = 0..len(text) − 2, in one draft pass. [len(text) − 1, V]"""
+    """q after every prefix text[:t + 1], t = 0..len(text) − 2, in one draft pass. [len(text) − 1, V]
+
+    drafters.base.root_distributions gives the same rows position by position (one propose each);
+    over thousands of positions one pass is what keeps these tests affordable."""
     lm = drafter.lm
     length = len(text)
     if getattr(drafter, "uses_target_features", False):  # entry j reads (h_{j−1}, x_j) at position j
@@ -195,23 +197,3 @@ def check_decoder_law(target, drafter, settings: DecodeSettings, params: Samplin
             -1, bins, torch.where(p > 0, p, 0)))
     return LawCheck(pooled_chi_square_pvalue(torch.cat(categories), torch.cat(laws)),
                     sum(c.numel() for c in categories), accepted, steps)
-
-
-def pooled_chi_square_pvalue(outcomes: torch.Tensor, probs: torch.Tensor) -> float:
-    """p-value of independent-given-the-past draws outcomes [n] (in [0, C)) having laws probs [n, C].
-
-    Counts minus their expectation, over the categories that carry mass, against their exact
-    covariance: (O − E)ᵀ Σ⁻¹ (O − E) is asymptotically chi-square with (cells − 1) degrees of freedom.
-    """
-    probs = probs.numpy()
-    counts = np.bincount(outcomes.numpy(), minlength=probs.shape[1]).astype(float)
-    cells = probs.sum(0) > 5  # categories expected often enough for the normal approximation
-    if counts[~cells].sum() > probs[:, ~cells].sum() + 5 * np.sqrt(max(probs[:, ~cells].sum(), 1.0)):
-        return 0.0  # far too many draws in categories that should be (nearly) empty
-    kept = np.flatnonzero(cells)[:-1]  # one cell is implied by the others
-    if kept.size == 0:
-        return 1.0
-    gap = counts[kept] - probs[:, kept].sum(0)
-    covariance = np.diag(probs[:, kept].sum(0)) - probs[:, kept].T @ probs[:, kept]
-    statistic = float(gap @ np.linalg.solve(covariance, gap))
-    return float(scipy.stats.chi2.sf(statistic, kept.size))

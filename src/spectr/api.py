@@ -226,17 +226,19 @@ def stream(
         if any(s in text for s in stops):
             # A stop string ends the generation at the token that completes it, as decoding one
             # token at a time would: later tokens of this step are dropped from tokens and stats.
-            step.truncate(next(n for n in range(1, len(step.emitted) + 1)
-                               if any(s in _decode(engine.tokenizer, tokens + step.emitted[:n], stop_ids)
-                                      for s in stops)))
-            text = _decode(engine.tokenizer, tokens + step.emitted, stop_ids)
+            for count in range(1, len(step.emitted) + 1):
+                text = _decode(engine.tokenizer, tokens + step.emitted[:count], stop_ids)
+                if any(s in text for s in stops):
+                    step.truncate(count)
+                    break
         stats.add(step)
         stats.seconds = time.perf_counter() - start
         tokens.extend(step.emitted)
         cut = min((text.find(s) for s in stops if s in text), default=-1)
-        if cut >= 0 or tokens[-1] in stop_ids or len(tokens) >= max_new_tokens:
+        ended_by_eos = tokens[-1] in stop_ids
+        if cut >= 0 or ended_by_eos or len(tokens) >= max_new_tokens:
             final = text[:cut] if cut >= 0 else text
-            reason = "stop" if (cut >= 0 or tokens[-1] in stop_ids) else "length"
+            reason = "stop" if (cut >= 0 or ended_by_eos) else "length"
             yield Chunk(final[len(shown):], step.emitted, step, stats, finished=True, finish_reason=reason)
             return
         visible = text[: max(len(shown), len(text) - hold)]
