@@ -24,6 +24,7 @@ from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
 from spectr.models.loading import ModelSource
+from spectr.precisions import DEFAULT_PRECISION
 from spectr.processing import SamplingParams
 
 NGRAM = "ngram"
@@ -57,7 +58,7 @@ class Engine:
 def load(
     target: str | Path | None = None,
     draft: str | Path | None = DEFAULT_DRAFT,
-    precision: str = "bf16",
+    precision: str = DEFAULT_PRECISION,
     draft_precision: str | None = None,
     compile: bool = False,
 ) -> Engine:
@@ -101,7 +102,7 @@ def _load_draft(draft: str | Path | None, target: LoadedModel, precision: str) -
     from spectr.drafters.trained import is_trained_draft, load_trained_draft
 
     if is_trained_draft(draft):
-        lm = load_trained_draft(draft, target.hf_model, precision)
+        lm = load_trained_draft(draft, target, precision)
         return LoadedModel(lm=lm, tokenizer=target.tokenizer, source=ModelSource(folder=Path(draft), gguf_file=None))
     draft_model = load_model(draft, precision=precision)
     check_same_tokenizer(target.tokenizer, draft_model.tokenizer)

