@@ -26,11 +26,12 @@ class TokenCache:
         assert 0 <= length <= self.length
         self.length = length
 
-    def keep(self, indices) -> None:
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        self.tokens[: indices.numel()] = self.tokens[indices].clone()
-        self.positions[: indices.numel()] = self.positions[indices].clone()
-        self.length = indices.numel()
+    def commit(self, prefix: int, slots: list[int]) -> None:
+        assert 0 <= prefix <= self.length and all(prefix <= s < self.length for s in slots)
+        count = prefix + len(slots)
+        self.tokens[prefix:count] = self.tokens[slots].clone()
+        self.positions[prefix:count] = self.positions[slots].clone()
+        self.length = count
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from spectr.detokenize import IncrementalText
 from spectr.decoding import Decoder, DecodeSettings, StepStats, default_shape
 from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
@@ -218,38 +219,36 @@ def stream(
     decoder = Decoder(engine.target.lm, engine.drafter() if method != "ar" else None, settings, params)
     stats = GenerationStats(prompt_tokens=len(ids))
     stop_ids = _stop_token_ids(engine.tokenizer)
-    tokens: list[int] = []
-    shown = ""  # text already streamed
     hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
+    text = IncrementalText(engine.tokenizer, hidden=stop_ids, keep=hold)
+    shown = 0  # characters already streamed
     start = time.perf_counter()
     for step in decoder.stream(ids, max_new_tokens, generator, stop_ids):
-        text = _decode(engine.tokenizer, tokens + step.emitted, stop_ids)
-        if any(s in text for s in stops):
+        # Only the end of the text is decoded and searched: a stop string completes in this step's
+        # text, reaching back at most `hold` characters. `base` is where `window` starts in the text.
+        base = text.length - len(text.recent)
+        window = text.recent + text.pending(step.emitted)
+        if any(s in window for s in stops):
             # A stop string ends the generation at the token that completes it, as decoding one
             # token at a time would: later tokens of this step are dropped from tokens and stats.
             for count in range(1, len(step.emitted) + 1):
-                text = _decode(engine.tokenizer, tokens + step.emitted[:count], stop_ids)
-                if any(s in text for s in stops):
+                window = text.recent + text.pending(step.emitted[:count])
+                if any(s in window for s in stops):
                     step.truncate(count)
                     break
         stats.add(step)
         stats.seconds = time.perf_counter() - start
-        tokens.extend(step.emitted)
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
-        ended_by_eos = tokens[-1] in stop_ids
-        if cut >= 0 or ended_by_eos or len(tokens) >= max_new_tokens:
-            final = text[:cut] if cut >= 0 else text
+        cut = min((window.find(s) for s in stops if s in window), default=-1)
+        ended_by_eos = step.emitted[-1] in stop_ids
+        if cut >= 0 or ended_by_eos or stats.new_tokens >= max_new_tokens:
+            end = cut if cut >= 0 else len(window)
             reason = "stop" if (cut >= 0 or ended_by_eos) else "length"
-            yield Chunk(final[len(shown):], step.emitted, step, stats, finished=True, finish_reason=reason)
+            yield Chunk(window[shown - base : end], step.emitted, step, stats, finished=True, finish_reason=reason)
             return
-        visible = text[: max(len(shown), len(text) - hold)]
-        yield Chunk(visible[len(shown):], step.emitted, step, stats)
+        visible = max(shown, base + len(window) - hold)
+        yield Chunk(window[shown - base : visible - base], step.emitted, step, stats)
         shown = visible
-
-
-def _decode(tokenizer, tokens: list[int], stop_ids: frozenset[int]) -> str:
-    """The text of generated tokens; a closing stop token (EOS) is not shown."""
-    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens, skip_special_tokens=True)
+        text.extend(step.emitted)
 
 
 def generate(engine: Engine, prompt: str | list[int] | list[dict], **options) -> GenerationResult:

@@ -367,17 +367,19 @@ def bench_forward(
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the table to this Markdown file."),
     compile: bool = typer.Option(False, "--compile", help="Also time the torch.compile path (~90 s to compile)."),
 ) -> None:
-    """Time one target forward over 1 and 16 new tokens for every backend and precision."""
+    """Time one target forward over 1, 4, 8 and 16 new tokens for every backend and precision, and the load."""
     from rich.progress import track
 
     from spectr.bench import forward
 
-    counts = (1, 16)
+    source = None if target == "default" else target
+    counts = forward.NEW_TOKEN_COUNTS
+    load = forward.load_seconds(source)
     steps = iter(track(range(repeats), description="bench forward", transient=True))
     next(steps, None)
-    results = forward.run(target, context=context, new_token_counts=counts, repeats=repeats,
+    results = forward.run(source, context=context, new_token_counts=counts, repeats=repeats,
                           progress=lambda: next(steps, None), compile=compile)
-    table = forward.render(results, context, counts, repeats)
+    table = forward.render(results, context, counts, repeats, load=load)
     typer.echo(table)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ class Decoder:
         target_probs = logits_to_probs(out.logits[0], self.params)  # [n + 1, V]
         verified = time.perf_counter()
         emitted, path, levels = walk(tree, target_probs, self.rule, generator)
-        cache.keep(list(range(cached + 1)) + [cached + 1 + node for node in path])
+        cache.commit(cached + 1, [cached + 1 + node for node in path])
         self.drafter.commit(path)
         if self._feed:
             self.drafter.observe(out.hidden[0, [0] + [1 + node for node in path]])

@@ -20,18 +20,18 @@ def _slots(cache: KVCache, layer: int = 0) -> list[float]:
     return cache.keys[layer, 0, 0, : cache.length, 0].tolist()
 
 
-def test_keep_moves_slots_down_in_order():
+def test_commit_moves_the_path_down_in_order():
     cache = _filled(7)
-    cache.keep([0, 1, 2, 4, 6])
+    cache.commit(3, [4, 6])
     assert cache.length == 5
     assert _slots(cache) == [0, 1, 2, 4, 6]
     assert _slots(cache, layer=1) == [100, 101, 102, 104, 106]
     assert cache.values[0, 0, 0, :5, 0].tolist() == [0, -1, -2, -4, -6]
 
 
-def test_keep_prefix_only_and_truncate():
+def test_commit_prefix_only_and_truncate():
     cache = _filled(6)
-    cache.keep([0, 1, 2])
+    cache.commit(3, [])
     assert _slots(cache) == [0, 1, 2]
     cache = _filled(6)
     cache.truncate(2)
@@ -42,9 +42,13 @@ def test_keep_prefix_only_and_truncate():
 def test_bad_operations_are_named():
     cache = _filled(4)
     with pytest.raises(InvalidInputError, match="strictly increasing"):
-        cache.keep([0, 2, 1])
+        cache.commit(1, [3, 2])
     with pytest.raises(InvalidInputError, match="must lie in"):
-        cache.keep([0, 4])
+        cache.commit(1, [4])
+    with pytest.raises(InvalidInputError, match="must lie in"):
+        cache.commit(2, [1])
+    with pytest.raises(InvalidInputError, match="cannot commit a prefix"):
+        cache.commit(5, [])
     with pytest.raises(InvalidInputError, match="cannot truncate"):
         cache.truncate(5)
     with pytest.raises(ContextOverflowError, match="holds 8 tokens; 4 are in use and 5 more"):
@@ -52,9 +56,9 @@ def test_bad_operations_are_named():
     assert _slots(cache) == [0, 1, 2, 3]  # untouched by the refused calls
 
 
-def test_keep_nothing_empties_the_cache():
+def test_commit_nothing_empties_the_cache():
     cache = _filled(5)
-    cache.keep([])
+    cache.commit(0, [])
     assert cache.length == 0
     cache.write(0, 0, torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1))  # and it fills again from slot 0
     cache.length = 1

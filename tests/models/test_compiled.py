@@ -24,7 +24,7 @@ def test_compiled_equals_eager_on_trees_and_commits():
     got = compiled.forward(tree, positions, compiled_cache, mask).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     for cache in (eager_cache, compiled_cache):
-        cache.keep(list(range(13)) + [13, 14, 16])  # root, then the path of nodes 0, 1, 3
+        cache.commit(13, [13, 14, 16])  # root, then the path of nodes 0, 1, 3
     expected = eager.forward(torch.tensor([[3]]), torch.tensor([16]), eager_cache).logits
     got = compiled.forward(torch.tensor([[3]]), torch.tensor([16]), compiled_cache).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -96,7 +96,7 @@ def test_tree_forward_equals_each_branch(backend):
 def test_commit_leaves_the_cache_of_the_kept_text(backend):
     lm, cache, prefix, tree_tokens, _, _ = _forward_prefix_and_tree(backend)
     accepted = [0, 1, 3, 4]  # the path a b' c'
-    cache.keep(list(range(10)) + [10 + node for node in accepted])
+    cache.commit(10, [10 + node for node in accepted])
     assert cache.length == 14
     after = lm.forward(torch.tensor([[3]]), torch.tensor([14]), cache).logits
     text = torch.cat([prefix[0], tree_tokens[accepted], torch.tensor([3])])[None]

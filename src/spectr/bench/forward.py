@@ -1,9 +1,11 @@
 """`spectr bench forward`: the cost of one target forward, side by side with its peers.
 
-For each backend: the time of a forward over 1 and over 16 new tokens on top
+For each backend: the time of a forward over 1, 4, 8 and 16 new tokens on top
 of `context` cached tokens (min over repeats, the backends interleaved so
-machine drift hits all alike), and, for spectr's precision modes, how far the
-next-token distributions move from fp32 on the same text.
+machine drift hits all alike), each count's time as a multiple of the same
+backend's one-token time (what a tree costs) and of llama.cpp's at the same
+count; for spectr's precision modes, how far the next-token distributions move
+from fp32 over the same weights; and how long spectr takes to load the model.
 """
 
 import copy as copy_module
@@ -18,7 +20,8 @@ import torch
 
 from spectr.bench.gguf_convert import write_bf16_gguf
 from spectr.models.llama import LlamaForward
-from spectr.models.loading import load_transformers, native_forward, resolve_source
+from spectr.models.gguf import GGUFModel
+from spectr.models.loading import gguf_forward, load_model, load_transformers, native_forward, resolve_source
 from spectr.models.reference import TransformersForward
 
 SAMPLE_TEXT = (
@@ -74,17 +77,28 @@ def llama_cpp_runner(gguf_path: str, context_tokens: list[int], threads: int):
     return step
 
 
+NEW_TOKEN_COUNTS = (1, 4, 8, 16)
+LLAMA_CPP = "llama.cpp, GGUF as shipped"
+
+
+def load_seconds(source: str | None) -> float:
+    """spectr.models.load_model's time for this source (its cached index warm; after imports)."""
+    load_model(source)  # builds the index on a first-ever run
+    return time_once(lambda: load_model(source)) / 1000
+
+
 def run(
     source: str | None = None,
-    precisions: tuple[str, ...] = ("fp32", "bf16", "int8", "int4"),
+    precisions: tuple[str, ...] = ("native", "fp32", "bf16", "int8", "int4"),
     context: int = 200,
-    new_token_counts: tuple[int, ...] = (1, 16),
+    new_token_counts: tuple[int, ...] = NEW_TOKEN_COUNTS,
     repeats: int = 20,
     progress: Callable[[], None] | None = None,
     compile: bool = False,
 ) -> list[ForwardTiming]:
     resolved = resolve_source(source)
     hf_model, tokenizer = load_transformers(resolved)
+    gguf = GGUFModel(resolved.folder / resolved.gguf_file) if resolved.gguf_file else None
     ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids[:, :context]
     if ids.shape[1] < context:
         ids = ids.repeat(1, context // ids.shape[1] + 1)[:, :context]
@@ -93,8 +107,9 @@ def run(
     steppers: dict[str, Callable[[int], None]] = {}
     results: dict[str, ForwardTiming] = {}
     reference_logits = None
-    for precision in precisions:
-        lm = native_forward(hf_model, precision)
+    for precision in sorted(precisions, key=lambda p: p != "fp32"):  # fp32 first: the reference
+        # A GGUF through spectr's own reader (native: its blocks as stored); a folder through transformers.
+        lm = gguf_forward(gguf, precision) if gguf is not None else native_forward(hf_model, precision)
         cache = lm.new_cache(context + max(new_token_counts))
         logits = lm.forward(ids, torch.arange(context), cache).logits[0]
         name = f"spectr {precision}"
@@ -145,12 +160,12 @@ def run(
     gguf_variants = {}
     if resolved.gguf_file:
         source_file = resolved.folder / resolved.gguf_file
-        gguf_variants["llama.cpp, GGUF as shipped"] = source_file
+        gguf_variants[LLAMA_CPP] = source_file
         bf16_file = Path(tempfile.mkdtemp(prefix="spectr-bench-")) / "model-bf16.gguf"
         gguf_variants["llama.cpp bf16 (same weights)"] = bf16_file
     for name, path in gguf_variants.items():
         if "bf16" in name and not path.exists():
-            write_bf16_gguf(gguf_variants["llama.cpp, GGUF as shipped"], path)
+            write_bf16_gguf(gguf_variants[LLAMA_CPP], path)
         cpp = llama_cpp_runner(str(path), ids[0].tolist(), torch.get_num_threads())
         if cpp is None:
             results[name] = ForwardTiming(backend=name, note="skipped: llama-cpp-python is not installed (extra 'peers')")
@@ -168,33 +183,48 @@ def run(
     for (name, n), values in samples.items():
         results[name].milliseconds[n] = min(values)
         results[name].milliseconds[-n] = statistics.median(values)
-    return list(results.values())
+    order = {f"spectr {p}": i for i, p in enumerate(precisions)}
+    return sorted(results.values(), key=lambda r: order.get(r.backend, len(order)))
 
 
-def render(results: list[ForwardTiming], context: int, new_token_counts: tuple[int, ...], repeats: int) -> str:
-    header = "| backend | " + " | ".join(f"{n} new tok: min ms (median)" for n in new_token_counts)
-    header += " | max abs Δlogit | mean TV | max TV | top-1 agree |"
+def render(results: list[ForwardTiming], context: int, new_token_counts: tuple[int, ...], repeats: int,
+           load: float | None = None) -> str:
+    by_name = {r.backend: r for r in results}
+    peer = by_name.get(LLAMA_CPP)
+    peer = peer if peer is not None and not peer.note else None
+    header = "| backend | " + " | ".join(f"{n} tok: min ms (median)" for n in new_token_counts)
+    header += " | " + " | ".join(f"{n} tok ÷ own 1 tok" for n in new_token_counts[1:])
+    header += " | " + (" | ".join(f"{n} tok ÷ llama.cpp" for n in new_token_counts) + " | " if peer else "")
+    header += "max abs Δlogit | mean TV | max TV | top-1 agree |"
+    columns = header.count("|") - 1
     lines = [
         f"Forward over new tokens on top of {context} cached tokens, {torch.get_num_threads()} threads, "
-        f"{repeats} interleaved repeats; deviation: next-token distributions vs spectr fp32 on the same "
-        f"{context}-token text.",
+        f"{repeats} interleaved repeats; deviation: next-token distributions vs spectr fp32 over the same "
+        f"weights on the same {context}-token text.",
         "",
         header,
-        "|---" * (len(new_token_counts) + 5) + "|",
+        "|---" * columns + "|",
     ]
     notes = [
         "",
-        "Each precision mode is exact with respect to the distribution its own verification forward "
-        "computes: a lower precision changes *which* target is sampled (the deviation columns), never "
-        "the exactness of speculative sampling against it. TV: total-variation distance between "
-        "next-token distributions. llama.cpp runs with `logits_all` so that, like a tree verification, "
-        "it produces the logits of every new token.",
+        "native runs the file's own blocks (Q4_1 / Q4_0 on group-32 int4, Q8_0 as two exact int4 halves); "
+        "int8 / int4 re-quantize the dequantized weights. Each precision mode is exact with respect to the "
+        "distribution its own verification forward computes: a lower precision changes *which* target is "
+        "sampled (the deviation columns), never the exactness of speculative sampling against it. TV: "
+        "total-variation distance between next-token distributions. llama.cpp runs with `logits_all` so that, "
+        "like a tree verification, it produces the logits of every new token.",
     ]
+    if load is not None:
+        notes.append(f"\nspectr loads the model (default precision, cached index warm, after imports) in {load:.2f} s.")
     for result in results:
+        ms = result.milliseconds
         if result.note:
-            cells = ["—"] * len(new_token_counts)
+            cells = ["—"] * (len(new_token_counts) * (3 if peer else 2) - 1)
         else:
-            cells = [f"{result.milliseconds[n]:.1f} ({result.milliseconds[-n]:.1f})" for n in new_token_counts]
+            cells = [f"{ms[n]:.1f} ({ms[-n]:.1f})" for n in new_token_counts]
+            cells += [f"{ms[n] / ms[new_token_counts[0]]:.2f}×" for n in new_token_counts[1:]]
+            if peer:
+                cells += [f"{ms[n] / peer.milliseconds[n]:.2f}×" for n in new_token_counts]
         d = result.deviation
         dev = (
             [f"{d['max_abs_logit']:.3f}", f"{d['mean_tv']:.4f}", f"{d['max_tv']:.4f}", f"{d['top1_agreement']:.3f}"]

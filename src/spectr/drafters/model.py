@@ -91,5 +91,5 @@ class ModelDrafter:
 
     def commit(self, path: list[int]) -> None:
         kept = [node for node in path if node < self._forwarded]  # leaves were never forwarded
-        self.cache.keep(list(range(self._base)) + [self._base + node for node in kept])
+        self.cache.commit(self._base, [self._base + node for node in kept])
         self.cached = self._base + len(kept)

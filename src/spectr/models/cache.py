@@ -4,7 +4,8 @@ Slots 0..length-1 hold the keys and values of the tokens seen so far, in
 order. A forward over T new tokens writes slots length..length+T-1 and moves
 `length` on. Rejecting speculated tokens is `truncate(n)` (nothing is
 erased: later writes overwrite); committing the accepted path of a draft
-tree is `keep(indices)`, which moves the kept slots down in place.
+tree is `commit(prefix, slots)`, which moves only the path's slots down, so a
+step's bookkeeping is proportional to what it accepted, never to the context.
 """
 
 import torch
@@ -44,24 +45,20 @@ class KVCache:
             raise InvalidInputError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
 
-    def keep(self, indices: Tensor | list[int]) -> None:
-        """Keep only the slots `indices` (strictly increasing), moved down to 0..len(indices)-1.
-
-        Only the slots after the longest untouched prefix are copied, so keeping
-        the committed text plus an accepted path costs O(path length).
-        """
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        if indices.ndim != 1:
-            raise InvalidInputError(f"keep() takes a 1-D list of slots, got shape {tuple(indices.shape)}")
-        if indices.numel():
-            if int(indices[0]) < 0 or int(indices[-1]) >= self.length:
-                raise InvalidInputError(f"keep() slots must lie in [0, {self.length}), got {indices.tolist()}")
-            if bool((indices[1:] <= indices[:-1]).any()):
-                raise InvalidInputError(f"keep() slots must be strictly increasing, got {indices.tolist()}")
-        moved = indices != torch.arange(indices.numel())
-        first = int(moved.to(torch.int8).argmax()) if bool(moved.any()) else indices.numel()
-        source = indices[first:]
-        if source.numel():
-            self.keys[:, :, :, first : indices.numel()] = self.keys[:, :, :, source]
-            self.values[:, :, :, first : indices.numel()] = self.values[:, :, :, source]
-        self.length = indices.numel()
+    def commit(self, prefix: int, slots: list[int]) -> None:
+        """Keep slots 0..prefix-1 and then `slots` (strictly increasing, all >= prefix), moved down to
+        prefix..prefix+len(slots)-1. Costs O(len(slots)) — the accepted path — whatever the context."""
+        if not 0 <= prefix <= self.length:
+            raise InvalidInputError(f"cannot commit a prefix of {prefix} slots in a cache of length {self.length}")
+        if slots:
+            if slots[0] < prefix or slots[-1] >= self.length:
+                raise InvalidInputError(f"commit() slots must lie in [{prefix}, {self.length}), got {slots}")
+            if any(b <= a for a, b in zip(slots, slots[1:])):
+                raise InvalidInputError(f"commit() slots must be strictly increasing, got {slots}")
+            moved = next((i for i, slot in enumerate(slots) if slot != prefix + i), len(slots))
+            if moved < len(slots):
+                source = torch.tensor(slots[moved:])
+                target = slice(prefix + moved, prefix + len(slots))
+                self.keys[:, :, :, target] = self.keys[:, :, :, source]
+                self.values[:, :, :, target] = self.values[:, :, :, source]
+        self.length = prefix + len(slots)

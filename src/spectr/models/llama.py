@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spectr.errors import ContextOverflowError, InvalidInputError
+from spectr.models.attention import attend
 from spectr.models.cache import KVCache
 from spectr.models.config import ModelConfig
 from spectr.models.quantize import GroupInt4, as_dense, compute_dtype, make_linear
@@ -202,9 +203,7 @@ class LlamaForward:
             k = _rotate(k.view(batch, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
             v = v.view(batch, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
             keys, values = cache.write(index, start, k, v)  # [B, G, S, E]
-            attended = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads
-            )  # [B, H, T, E]
+            attended = attend(q, keys, values, mask)  # [B, H, T, E]
             x = x + layer.output(attended.transpose(1, 2).reshape(batch, num_new, -1))
             gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)

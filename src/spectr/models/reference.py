@@ -30,12 +30,15 @@ class ReferenceCache:
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise InvalidInputError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.keep(torch.arange(length))
+        self._select(torch.arange(length))
 
-    def keep(self, indices: Tensor | list[int]) -> None:
+    def commit(self, prefix: int, slots: list[int]) -> None:
+        self._select(list(range(prefix)) + list(slots))
+
+    def _select(self, indices: Tensor | list[int]) -> None:
         indices = torch.as_tensor(indices, dtype=torch.long)
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.length):
-            raise InvalidInputError(f"keep() slots must lie in [0, {self.length}), got {indices.tolist()}")
+            raise InvalidInputError(f"commit() slots must lie in [0, {self.length}), got {indices.tolist()}")
         for layer in self.inner.layers:
             layer.keys = layer.keys[:, :, indices]
             layer.values = layer.values[:, :, indices]
