@@ -151,24 +151,21 @@ def load_model(source: str | Path | None = None, precision: str = DEFAULT_PRECIS
     if precision not in PRECISIONS:
         raise UnsupportedModelError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     resolved = resolve_source(source)
-    if resolved.gguf_file:
-        model = GGUFModel(resolved.folder / resolved.gguf_file)
-        try:
-            lm = gguf_forward(model, precision)
-        except UnsupportedModelError as reason:
-            if not fallback:
-                raise
-            log.warning("%s; falling back to transformers' forward (slower): %s", resolved, reason)
-        else:
-            return LoadedModel(lm=lm, tokenizer=model.tokenizer(), source=resolved, hf_config=model.hf_config,
-                               weight=model.dense)
-    hf_model, tokenizer = load_transformers(resolved)
+    lm = hf_model = None
     try:
+        if resolved.gguf_file:
+            model = GGUFModel(resolved.folder / resolved.gguf_file)
+            return LoadedModel(lm=gguf_forward(model, precision), tokenizer=model.tokenizer(), source=resolved,
+                               hf_config=model.hf_config, weight=model.dense)
+        hf_model, tokenizer = load_transformers(resolved)
         lm = native_forward(hf_model, precision)
     except UnsupportedModelError as reason:
         if not fallback:
             raise
         log.warning("%s; falling back to transformers' forward (slower): %s", resolved, reason)
+    if lm is None:
+        if hf_model is None:  # a GGUF that spectr's reader does not take
+            hf_model, tokenizer = load_transformers(resolved)
         lm = TransformersForward(hf_model, "fp32" if precision == "fp32" else "bf16")
     state = hf_model.state_dict()
     return LoadedModel(lm=lm, tokenizer=tokenizer, source=resolved, hf_config=hf_model.config,
