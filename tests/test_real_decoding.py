@@ -52,7 +52,7 @@ def test_the_shipped_draft_is_the_default_and_decodes_exactly(real_model, prompt
     hf_model, tokenizer = real_model
     source = default_model_source()
     target_model = LoadedModel(lm=native_forward(hf_model, "fp32"), tokenizer=tokenizer, source=source,
-                               hf_model=hf_model)
+                               transformers_model=hf_model)
     folder = shipped_draft(target_model)
     assert folder is not None, "no trained draft is shipped for the default target"
     draft = load_trained_draft(folder, hf_model, precision="fp32")

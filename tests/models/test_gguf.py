@@ -138,7 +138,7 @@ def test_native_load_builds_no_transformers_model_and_prints_nothing(capfd):
     load_model(None)  # the index exists after this, as it would on any later run
     capfd.readouterr()
     loaded = load_model(None)
-    assert loaded.lm.precision == "native" and loaded._hf_model is None
+    assert loaded.lm.precision == "native" and loaded.transformers_model is None
     out, err = capfd.readouterr()
     assert out == "" and err == ""
 

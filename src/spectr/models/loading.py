@@ -131,14 +131,14 @@ class LoadedModel:
     source: ModelSource
     hf_config: object = None  # the transformers config (None for a trained draft)
     weight: Callable[[str], torch.Tensor] | None = None  # a float32 weight by transformers name (drafts borrow some)
-    _hf_model: object = None
+    transformers_model: object = None  # the transformers model of the same weights, if one is built yet
 
     @property
     def hf_model(self):
         """The transformers model of the same weights, loaded on first use (the reference; bench peers)."""
-        if self._hf_model is None:
-            self._hf_model, _ = load_transformers(self.source)
-        return self._hf_model
+        if self.transformers_model is None:
+            self.transformers_model, _ = load_transformers(self.source)
+        return self.transformers_model
 
 
 def load_model(source: str | Path | None = None, precision: str = DEFAULT_PRECISION,
@@ -169,7 +169,7 @@ def load_model(source: str | Path | None = None, precision: str = DEFAULT_PRECIS
         lm = TransformersForward(hf_model, "fp32" if precision == "fp32" else "bf16")
     state = hf_model.state_dict()
     return LoadedModel(lm=lm, tokenizer=tokenizer, source=resolved, hf_config=hf_model.config,
-                       weight=lambda name: state[name].detach().float(), _hf_model=hf_model)
+                       weight=lambda name: state[name].detach().float(), transformers_model=hf_model)
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
