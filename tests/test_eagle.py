@@ -66,7 +66,7 @@ def test_training_unroll_matches_drafting(hf_target, head_folder):
     inputs = torch.zeros(1, entries, features.shape[-1])
     inputs[0, : len(text) - 1] = features[:-1]
     with torch.no_grad():
-        outputs = head.unrolled(inputs, target.embedding[torch.tensor(chain[1:])][None],
+        outputs = head.unrolled(inputs, target.embed(torch.tensor(chain[1:]))[None],
                                 torch.arange(1, entries + 1)[None], torch.ones(1, entries, dtype=torch.bool), 3)
     rows = hf_target.get_output_embeddings().weight[kept]
     root_entry = len(text) - 2

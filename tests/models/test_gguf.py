@@ -12,7 +12,8 @@ from spectr.bench.forward import SAMPLE_TEXT, deviation_from
 from spectr.models import gguf as gguf_module
 from spectr.models.gguf import GGUFModel, StoredTensor, transformers_name, unpermute_rows
 from spectr.models.loading import gguf_forward, load_model, resolve_source
-from spectr.models.quantize import GroupInt4, Int4Linear
+from spectr.models import kernels
+from spectr.models.quantize import BlockLinear, BlockQuantized, Int4Linear
 
 
 class _Blocks(GGUFModel):
@@ -30,29 +31,51 @@ def test_stored_blocks_dequantize_as_gguf_does(kind):
     raw = quantize(values, GGMLQuantizationType[kind])
     expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]))
     stored = _Blocks(kind, raw, (48, 96)).stored("w")
-    assert isinstance(stored, GroupInt4) and len(stored.terms) == (2 if kind == "Q8_0" else 1)
-    assert all(int(t.codes.min()) >= 0 and int(t.codes.max()) <= 15 for t in stored.terms)
-    if kind == "Q4_1":  # d·q + m vs (q − 8)·d + (m + 8d): equal up to fp32 rounding
-        torch.testing.assert_close(stored.dequantize(), expected, rtol=0, atol=1e-6)
-    else:  # Q4_0 and Q8_0 (as two int4 halves) are exact
-        assert torch.equal(stored.dequantize(), expected)
+    assert isinstance(stored, BlockQuantized) and stored.bits == (8 if kind == "Q8_0" else 4)
+    if stored.bits == 4:
+        assert int(stored.codes.min()) >= 0 and int(stored.codes.max()) <= 15
+    # d·q + m in float32, as gguf computes it; Q4_0's d·q − 8d and Q8_0's d·q are exact (f16 d, small q).
+    assert torch.equal(stored.dequantize(), expected)
 
 
-def test_q8_0_split_is_exact_over_every_code():
+def test_q8_0_split_into_int4_halves_is_exact_over_every_code():
     codes = torch.arange(-128, 128, dtype=torch.int8).view(8, 32)
     # Q8_0 stores d in f16: its 11-bit mantissa times an 8-bit code is exact in float32, as are the halves.
     d = torch.tensor([0.5, 1e-3, 3.0, 0.0078125, 2.0, 1.5, 0.25, 7.0]).half().float()[:, None]
-    assert torch.equal(GroupInt4.from_q8_0(codes, d).dequantize(), codes.float() * d)
+    terms = BlockQuantized.from_q8_0(codes, d).int4_terms()
+    assert len(terms) == 2 and all(int(c.min()) >= 0 and int(c.max()) <= 15 for c, _, _ in terms)
+    halves = [(c.float() - 8) * s + z for c, s, z in terms]
+    assert torch.equal(halves[0] + halves[1], codes.float() * d)
 
 
-def test_int4_kernel_runs_the_stored_weight():
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_block_kernel_runs_the_stored_weight(kind):
+    """spectr's kernel on the blocks as stored, against float64 over gguf's own dequantization: its int16
+    activations (per 32-block scale max|x| / 32767) leave a relative error of ~1e-5 of the row's scale."""
+    if not kernels.available():
+        pytest.skip("spectr's kernels are not built on this machine")
+    values = np.random.default_rng(1).normal(size=(80, 160)).astype(np.float32)
+    raw = quantize(values, GGMLQuantizationType[kind])
+    weight = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind])).double()
+    bias = torch.randn(80)
+    x = torch.randn(9, 160) * torch.logspace(-3, 2, 160)  # blocks of very different scales
+    out = BlockLinear(_Blocks(kind, raw, (80, 160)).stored("w"), bias)(x)
+    expected = x.double() @ weight.T + bias.double()
+    error = (out.double() - expected).abs().max() / expected.abs().max()
+    assert out.dtype == torch.float32 and error < 1e-4, error
+    # Planted contrast: bf16 activations (torch's int4 path) are ~100× coarser.
+    assert (x.bfloat16().double() @ weight.T + bias.double() - expected).abs().max() / expected.abs().max() > 10 * error
+
+
+def test_int4_fallback_runs_the_stored_weight():
     values = np.random.default_rng(1).normal(size=(64, 128)).astype(np.float32)
     for kind in ("Q4_1", "Q8_0"):
         stored = _Blocks(kind, quantize(values, GGMLQuantizationType[kind]), (64, 128)).stored("w")
         x = torch.randn(5, 128).to(torch.bfloat16)
-        # What the kernel should compute: its bf16 scales and zeros, fp32 sums.
-        rounded = GroupInt4([type(t)(t.codes, t.scales.bfloat16().float(), t.zeros.bfloat16().float())
-                             for t in stored.terms]).dequantize()
+        # What torch's kernel should compute: its bf16 scales and zeros, fp32 sums.
+        rounded = sum((c.float() - 8) * s.bfloat16().float()[:, :, None].expand(-1, -1, 32).reshape(c.shape)
+                      + z.bfloat16().float()[:, :, None].expand(-1, -1, 32).reshape(c.shape)
+                      for c, s, z in stored.int4_terms())
         expected = x.float() @ rounded.T
         out = Int4Linear(stored, None)(x).float()
         torch.testing.assert_close(out, expected, rtol=2 ** -7, atol=2e-2)
@@ -88,7 +111,7 @@ def test_the_default_file_is_read_as_stored(default_gguf):
     assert kinds.count("Q4_1") == 210 and kinds.count("Q8_0") == 1 and kinds.count("F32") == 61
     state = default_gguf.state(as_stored=True)
     embedding = state["model.embed_tokens.weight"]
-    assert isinstance(embedding, GroupInt4) and len(embedding.terms) == 2  # Q8_0 kept at 8 bits
+    assert isinstance(embedding, BlockQuantized) and embedding.bits == 8  # Q8_0 kept at 8 bits
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight",
                  "model.embed_tokens.weight"):
         assert torch.equal(state[name].dequantize(), default_gguf.dense(name)) or torch.allclose(

@@ -1,9 +1,9 @@
 """Batch invariance: a row's output the same bits whether computed alone or among others.
 
-The int4 kernel that runs the default (native) weights holds it for every row count; attention
-does not yet (its matmuls pick kernels by shape and sum the masked slots of a tree in another
-order), so a tree pass and one-token passes differ in the last bits — measured here, and
-marked as the known gap rather than hidden.
+spectr's kernels (the block linear layer and few-query attention) hold it by construction, so a
+position's logits at the default precision are the same bits inside a verification tree as in a
+one-token step. torch's int4 kernel (the fallback where spectr's kernels cannot be built) holds it
+for its matmuls too, but its attention does not.
 """
 
 import numpy as np
@@ -12,25 +12,53 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
+from spectr.models import kernels
 from spectr.models.gguf import GGUFModel
 from spectr.models.loading import gguf_forward, resolve_source
+from spectr.models.quantize import BlockLinear, Int4Linear
 from spectr.tree import tree_attention_mask, tree_positions
 from tests.models.test_gguf import _Blocks
 
 
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="spectr's kernels are not built here")
+
+
+@pytest.mark.parametrize("layer", [pytest.param(BlockLinear, marks=needs_kernels), Int4Linear])
 @pytest.mark.parametrize("kind, shape", [("Q4_1", (1536, 576)), ("Q4_1", (576, 1536)), ("Q8_0", (1024, 576))])
-def test_int4_kernel_rows_are_bitwise_invariant(kind, shape):
+def test_linear_rows_are_bitwise_invariant(layer, kind, shape):
     values = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    linear = __import__("spectr.models.quantize", fromlist=["Int4Linear"]).Int4Linear(
-        _Blocks(kind, quantize(values, GGMLQuantizationType[kind]), shape).stored("w"), None)
-    x = torch.randn(32, shape[1]).to(torch.bfloat16)
+    linear = layer(_Blocks(kind, quantize(values, GGMLQuantizationType[kind]), shape).stored("w"), torch.randn(shape[0]))
+    x = torch.randn(32, shape[1]).to(torch.bfloat16 if layer is Int4Linear else torch.float32)
     alone = torch.cat([linear(x[i : i + 1]) for i in range(32)])
     for rows in (1, 2, 3, 4, 7, 8, 16, 17, 32):
         assert torch.equal(linear(x[:rows]), alone[:rows]), rows
 
 
+@needs_kernels
+def test_attention_rows_are_bitwise_invariant():
+    """A query's output from the slots it may attend, the same bits whatever else is masked or present."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 1, 3, 40, 64), torch.randn(2, 1, 3, 40, 64)  # [B=1, G, capacity, E]
+    queries = torch.randn(1, 6, 9, 64)
+    mask = torch.rand(1, 6, 37) < 0.6
+    mask[0, torch.arange(6), 31 + torch.arange(6)] = True
+    together = kernels.attend(queries, keys[0], values[0], mask, 37)
+    for t in range(6):
+        seen = mask[0, t].nonzero()[:, 0]
+        # The same keys packed densely into other slots of another cache, attended alone.
+        packed_keys, packed_values = torch.zeros(1, 3, 40, 64), torch.zeros(1, 3, 40, 64)
+        packed_keys[0, :, : len(seen)], packed_values[0, :, : len(seen)] = keys[0, 0][:, seen], values[0, 0][:, seen]
+        alone = kernels.attend(queries[:, t : t + 1], packed_keys, packed_values,
+                               torch.ones(1, 1, len(seen), dtype=torch.bool), len(seen))
+        assert torch.equal(alone[0, 0], together[0, t]), t
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys[0, :, :, :37].repeat_interleave(3, 1), values[0, :, :, :37].repeat_interleave(3, 1),
+        attn_mask=mask[:, None]).transpose(1, 2)
+    torch.testing.assert_close(together, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.real_model
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="attention is not yet row-invariant (issue 13, item 6)")
+@needs_kernels
 def test_a_tree_pass_equals_one_token_passes_bitwise():
     source = resolve_source(None)
     model = GGUFModel(source.folder / source.gguf_file)

@@ -10,7 +10,7 @@ file. Later loads read the index and map the tensors straight from the file.
 Tensors come out under transformers' names, in transformers' layout:
 llama.cpp's converter permutes the rows of Q and K for its RoPE layout, undone
 here (whole rows move, so quantized blocks stay as stored). Storage types:
-Q4_0, Q4_1 and Q8_0 become `GroupInt4` weights (kept as stored), F32 / F16 /
+Q4_0, Q4_1 and Q8_0 become `BlockQuantized` weights (kept as stored), F32 / F16 /
 BF16 dense, and any other type is dequantized once by the gguf package.
 """
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from spectr.errors import UnsupportedModelError
-from spectr.models.quantize import GroupInt4
+from spectr.models.quantize import BlockQuantized
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,8 @@ class GGUFModel:
         order = self._row_order(name)
         return weight if order is None else weight[order]
 
-    def stored(self, name: str) -> Tensor | GroupInt4:
-        """A tensor as stored: Q4_0 / Q4_1 / Q8_0 as GroupInt4, F32 / F16 / BF16 dense (float32 values), other
+    def stored(self, name: str) -> Tensor | BlockQuantized:
+        """A tensor as stored: Q4_0 / Q4_1 / Q8_0 as BlockQuantized, F32 / F16 / BF16 dense (float32 values), other
         types dequantized."""
         tensor = self.tensors[name]
         if tensor.kind in DENSE_TYPES or tensor.kind not in ("Q4_0", "Q4_1", "Q8_0") or len(tensor.shape) != 2:
@@ -209,14 +209,14 @@ class GGUFModel:
 
         if tensor.kind == "Q8_0":  # d (f16), 32 × int8
             codes = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, columns)
-            return GroupInt4.from_q8_0(codes, half(0))
+            return BlockQuantized.from_q8_0(codes, half(0))
         packed = blocks[..., 4:] if tensor.kind == "Q4_1" else blocks[..., 2:]  # 16 bytes: 32 nibbles
         # A block's low nibbles are its elements 0..15, the high nibbles 16..31.
-        codes = torch.cat([packed & 15, packed >> 4], dim=-1).to(torch.int32).reshape(rows, columns)
+        codes = torch.cat([packed & 15, packed >> 4], dim=-1).to(torch.int8).reshape(rows, columns)
         # Q4_1: d (f16), m (f16), 16 bytes; Q4_0: d (f16), 16 bytes.
-        return GroupInt4.from_q4(codes, half(0), half(2) if tensor.kind == "Q4_1" else None)
+        return BlockQuantized.from_q4(codes, half(0), half(2) if tensor.kind == "Q4_1" else None)
 
-    def state(self, as_stored: bool) -> dict[str, Tensor | GroupInt4]:
+    def state(self, as_stored: bool) -> dict[str, Tensor | BlockQuantized]:
         """Every tensor by transformers name: as stored, or all dequantized to float32."""
         if self.architecture not in NATIVE_ARCHITECTURES:
             raise UnsupportedModelError(

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spectr.errors import ContextOverflowError, InvalidInputError
-from spectr.models.attention import attend
+from spectr.models import kernels
+from spectr.models.attention import FEW_QUERIES, attend
 from spectr.models.cache import KVCache
 from spectr.models.config import ModelConfig
-from spectr.models.quantize import GroupInt4, as_dense, compute_dtype, make_linear
+from spectr.models.quantize import BlockQuantized, as_dense, compute_dtype, make_linear
 from spectr.precisions import PRECISIONS
 
 
@@ -38,19 +39,20 @@ class _Layer:
     mlp_norm: Tensor  # [D]
     gate_up: object  # D -> 2·F
     down: object  # F -> D
+    fused: object = None  # the whole layer as one kernel call (kernels.DecoderLayer), where it runs
 
 
-def _stack(weights: list[Tensor | GroupInt4]) -> Tensor | GroupInt4:
+def _stack(weights: list[Tensor | BlockQuantized]) -> Tensor | BlockQuantized:
     """Fuse weights along the output axis, as stored when they are stored alike."""
     if all(isinstance(w, Tensor) for w in weights):
         return torch.cat(weights)
-    if all(isinstance(w, GroupInt4) and len(w.terms) == len(weights[0].terms) for w in weights):
-        return GroupInt4.cat(weights)
+    if all(isinstance(w, BlockQuantized) and w.bits == weights[0].bits for w in weights):
+        return BlockQuantized.cat(weights)
     return torch.cat([as_dense(w) for w in weights])
 
 
-def _rows(weight: Tensor | GroupInt4, indices: Tensor) -> Tensor | GroupInt4:
-    return weight.rows(indices) if isinstance(weight, GroupInt4) else weight[indices]
+def _rows(weight: Tensor | BlockQuantized, indices: Tensor) -> Tensor | BlockQuantized:
+    return weight.rows(indices) if isinstance(weight, BlockQuantized) else weight[indices]
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -60,7 +62,8 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE in transformers' half-split convention. x [B, heads, T, E], cos/sin [B, 1, T, E]."""
+    """RoPE in transformers' half-split convention over the last axis, x [..., E] with cos/sin broadcasting
+    to it ([B, heads, T, E] with [B, 1, T, E], or [B, T, heads, E] with [B, T, 1, E])."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -113,7 +116,10 @@ class LlamaForward:
             )
             for i in range(c.num_layers)
         ]
-        self.embedding = as_dense(state["model.embed_tokens.weight"]).to(self.dtype)  # [V, D]
+        embedding = state["model.embed_tokens.weight"]
+        # On spectr's kernels a stored embedding stays stored: a step dequantizes only its tokens' rows.
+        self.embedding = (embedding if isinstance(embedding, BlockQuantized) and self.dtype == torch.float32
+                          else as_dense(embedding).to(self.dtype))  # [V, D]
         self.norm = state["model.norm.weight"].to(self.dtype)
         head = state["model.embed_tokens.weight"] if c.tie_word_embeddings else state["lm_head.weight"]
         # A draft may predict over a subset of the vocabulary only: logits elsewhere are −inf, so its
@@ -127,6 +133,21 @@ class LlamaForward:
         self.input_norms = [state[f"model.{name}_norm.weight"].to(self.dtype) if f"model.{name}_norm.weight" in state
                             else None for name in ("feature", "embedding")]
         self.qkv_sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        # Few new tokens attend through spectr's row-invariant kernel where it is built (float32 caches).
+        self.kernel_attention = kernels.available() and self.dtype == torch.float32 and c.head_dim % 8 == 0
+        # Where every linear runs on spectr's block kernel, a whole layer is one kernel call.
+        self.fused = self.kernel_attention and all(kernels.DecoderLayer.supports(c.hidden_size, c.head_dim, (
+            layer.qkv, layer.output, layer.gate_up, layer.down)) for layer in self.layers)
+        for layer in self.layers if self.fused else ():
+            layer.fused = kernels.DecoderLayer(
+                layer.attention_norm, layer.mlp_norm, layer.qkv, layer.output, layer.gate_up, layer.down,
+                heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim, eps=c.rms_norm_eps)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """The input embeddings of tokens [...] -> [..., D]."""
+        if isinstance(self.embedding, BlockQuantized):
+            return self.embedding.rows(tokens.reshape(-1)).dequantize().view(*tokens.shape, -1)
+        return self.embedding[tokens]
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
         """An empty cache for `batch` sequences of up to `capacity` tokens (default: the context length)."""
@@ -183,10 +204,13 @@ class LlamaForward:
         self._check(tokens, positions, cache, mask)
         start = cache.reserve(num_new)
         c = self.config
-        mask = mask.expand(batch, -1, -1)[:, None]  # [B, 1, T, S]
-        cos = self.cos[positions].to(self.dtype)[:, None]  # [B, 1, T, E]
-        sin = self.sin[positions].to(self.dtype)[:, None]
-        x = self.embedding[tokens]  # [B, T, D]
+        mask = mask.expand(batch, -1, -1)  # [B, T, S]
+        on_kernel = self.kernel_attention and num_new <= FEW_QUERIES
+        # The kernel takes queries as [B, T, H, E]; torch's path as [B, H, T, E].
+        cos = self.cos[positions].to(self.dtype)[:, :, None] if on_kernel else self.cos[positions].to(self.dtype)[:, None]
+        sin = self.sin[positions].to(self.dtype)[:, :, None] if on_kernel else self.sin[positions].to(self.dtype)[:, None]
+        mask = mask.contiguous() if on_kernel else mask[:, None]  # [B, T, S] or [B, 1, T, S]
+        x = self.embed(tokens)  # [B, T, D]
         if self.feature_projection is not None:
             if features is None or features.shape != x.shape:
                 raise InvalidInputError(
@@ -197,8 +221,25 @@ class LlamaForward:
             x = self.feature_projection(torch.cat(inputs, -1))
         elif features is not None:
             raise InvalidInputError("features are only read by a draft head that was trained on them")
+        fused = on_kernel and self.fused
+        if fused:
+            x = x.float().contiguous()  # updated in place by each layer's kernel
+            cos, sin = cos[:, :, 0].contiguous(), sin[:, :, 0].contiguous()  # [B, T, E]
         for index, layer in enumerate(self.layers):
+            if fused:
+                layer.fused(x, cos, sin, cache.keys[index], cache.values[index], start, mask)
+                continue
             q, k, v = layer.qkv(_rms_norm(x, layer.attention_norm, c.rms_norm_eps)).split(self.qkv_sizes, -1)
+            if on_kernel:
+                q = _rotate(q.view(batch, num_new, c.num_heads, c.head_dim), cos, sin)  # [B, T, H, E]
+                k = _rotate(k.view(batch, num_new, c.num_kv_heads, c.head_dim), cos, sin)
+                v = v.view(batch, num_new, c.num_kv_heads, c.head_dim)
+                cache.write(index, start, k.transpose(1, 2), v.transpose(1, 2))
+                attended = kernels.attend(q, cache.keys[index], cache.values[index], mask, start + num_new)
+                x = x + layer.output(attended.view(batch, num_new, -1))
+                gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
+                x = x + layer.down(F.silu(gate) * up)
+                continue
             q = _rotate(q.view(batch, num_new, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
             k = _rotate(k.view(batch, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
             v = v.view(batch, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)

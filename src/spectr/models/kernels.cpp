@@ -1,0 +1,341 @@
+// spectr's CPU kernels for decoding: a linear layer over weights kept in the file's own 32-blocks,
+// and attention of a few new tokens over the KV cache.
+//
+// Both are row-invariant by construction: the output of a row (a token) is computed by the same
+// instructions in the same order whatever the other rows are, how many there are, or which thread
+// runs it. So a token's logits are the same bits alone or inside a verification tree, which is
+// what makes greedy speculative decoding equal greedy decoding at the default precision.
+//
+// Linear: y[r, o] = sum over blocks b of (scale[o,b] * q_w[o,b,:] + offset[o,b]) . x[r,b,:].
+// The activations are quantized per row and block to int16 (q_x = round(x / s), s = max|x| / 32767,
+// a relative error of ~1e-5, far below bf16's 4e-3), so each block's dot with the weight codes is
+// an exact integer sum; the offset term uses the block's exact float sum of x. The weight codes
+// are read once per output row and shared by every row of activations (cheap trees).
+//
+// Built on first use with the machine's compiler (-march=native) and cached; spectr falls back to
+// torch's kernels where no compiler is found.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t BLOCK = 32;
+constexpr int64_t GROUP = 8;          // block scales and sums are padded to whole groups of 8 (one vector)
+constexpr int64_t ROWS_PER_PASS = 4;  // activation rows that share one decode of a weight block
+
+inline int64_t padded_blocks(int64_t k) { return (k / BLOCK + GROUP - 1) / GROUP * GROUP; }
+
+// Per row and block of 32: q = round(x / s) in int16 with s = max|x| / 32767, and the exact sum of x.
+// Rows are padded with zero blocks up to a whole group (their scales are 0).
+void quantize_rows(const float* x, int64_t rows, int64_t k, int16_t* q, float* scales, float* sums) {
+  const int64_t blocks = k / BLOCK, padded = padded_blocks(k);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < padded; ++b) {
+      int16_t* qb = q + (r * padded + b) * BLOCK;
+      if (b >= blocks) {
+        std::memset(qb, 0, sizeof(int16_t) * BLOCK);
+        scales[r * padded + b] = sums[r * padded + b] = 0.f;
+        continue;
+      }
+      const float* xb = x + r * k + b * BLOCK;
+      float amax = 0.f, sum = 0.f;
+      for (int64_t i = 0; i < BLOCK; ++i) {
+        amax = std::max(amax, std::fabs(xb[i]));
+        sum += xb[i];
+      }
+      const float scale = amax / 32767.f;
+      const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+      for (int64_t i = 0; i < BLOCK; ++i) {
+        const float v = std::nearbyint(xb[i] * inverse);
+        qb[i] = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, v)));
+      }
+      // A non-finite input keeps its non-finite output (the scale carries it).
+      scales[r * padded + b] = std::isfinite(amax) ? scale : amax;
+      sums[r * padded + b] = sum;
+    }
+  }
+}
+
+#if defined(__AVX2__)
+inline float horizontal_sum(__m256 v) {  // a fixed order: (lanes 0-3 + 4-7), then pairs
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+#endif
+
+// One output row against nr rows of activations. The weight row: codes (BITS 4: 16 bytes a block,
+// input j in the low nibble of byte j and input j + 16 in its high nibble, GGUF's Q4 layout; BITS 8:
+// 32 int8), then its block scales and offsets (zero past the last block). Each block's integer dot is
+// exact; it is scaled into one of two float accumulators of 8 lanes (even and odd blocks, so that a
+// single row is not bound by the latency of one chain), and the offsets' dot with the block sums is
+// added at the end: the same instructions in the same order for every row, whatever nr is.
+template <int BITS, int NR>
+inline void output_rows(const uint8_t* w, const float* w_scales, const float* w_offsets, int64_t blocks,
+                        int64_t padded, const int16_t* q, const float* x_scales, const float* x_sums, float* out) {
+#if defined(__AVX2__)
+  __m256 acc[NR][2];
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m128i low_nibbles = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i w0, w1;  // the block's codes as int16: inputs 0..15 and 16..31
+    if (BITS == 4) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
+      w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low_nibbles));
+      w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles));
+    } else {
+      w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32)));
+      w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32 + 16)));
+    }
+    const float scale = w_scales[b];
+    for (int r = 0; r < NR; ++r) {
+      const int16_t* qb = q + (r * padded + b) * BLOCK;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 16));
+      const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));  // exact
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * x_scales[r * padded + b]),
+                                      acc[r][b & 1]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    __m256 offset_acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < padded; g += 8)
+      offset_acc = _mm256_fmadd_ps(_mm256_loadu_ps(w_offsets + g), _mm256_loadu_ps(x_sums + r * padded + g), offset_acc);
+    out[r] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) + horizontal_sum(offset_acc);
+  }
+#else
+  for (int r = 0; r < NR; ++r) {
+    float acc = 0.f, offset_acc = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int16_t* qb = q + (r * padded + b) * BLOCK;
+      int32_t dot = 0;
+      for (int64_t i = 0; i < BLOCK; ++i) {
+        int32_t code;
+        if (BITS == 4) {
+          const uint8_t byte = w[b * 16 + (i % 16)];
+          code = i < 16 ? (byte & 15) : (byte >> 4);
+        } else {
+          code = static_cast<int8_t>(w[b * 32 + i]);
+        }
+        dot += code * qb[i];
+      }
+      acc = std::fma(static_cast<float>(dot), w_scales[b] * x_scales[r * padded + b], acc);
+      offset_acc = std::fma(w_offsets[b], x_sums[r * padded + b], offset_acc);
+    }
+    out[r] = acc + offset_acc;
+  }
+#endif
+}
+
+template <int BITS>
+void output_row_chunk(int64_t nr, const uint8_t* w, const float* w_scales, const float* w_offsets, int64_t blocks,
+                      int64_t padded, const int16_t* q, const float* x_scales, const float* x_sums, float* out) {
+  switch (nr) {
+    case 1: output_rows<BITS, 1>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
+    case 2: output_rows<BITS, 2>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
+    case 3: output_rows<BITS, 3>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
+    default: output_rows<BITS, 4>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
+  }
+}
+
+// The dot of two float vectors of length e (a multiple of 8), in 8 fixed lanes then a fixed tree.
+inline float dot8(const float* a, const float* b, int64_t e) {
+  float lane[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t i = 0; i < e; i += 8)
+    for (int l = 0; l < 8; ++l) lane[l] = std::fma(a[i + l], b[i + l], lane[l]);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+}  // namespace
+
+// The linear layers and norms of one Llama decoder layer, as the Python side describes them.
+struct BlockWeight {
+  const uint8_t* codes;
+  const float* params;
+  const float* bias;  // may be null
+  int64_t bits, n, k;
+};
+
+struct DecoderLayer {
+  const float* attention_norm;  // [D]
+  const float* mlp_norm;        // [D]
+  BlockWeight qkv, output, gate_up, down;
+  int64_t hidden, heads, kv_heads, head_dim, ffn;
+  float eps;
+};
+
+namespace {
+
+void rms_norm_rows(const float* x, int64_t rows, int64_t d, const float* weight, float eps, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    const float inverse = 1.f / std::sqrt(dot8(xr, xr, d) / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) out[r * d + i] = weight[i] * (xr[i] * inverse);
+  }
+}
+
+// RoPE in transformers' half-split convention, in place on [heads, E] for one token.
+void rotate_heads(float* x, int64_t heads, int64_t e, const float* cos, const float* sin) {
+  const int64_t half = e / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xh = x + h * e;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = xh[i], b = xh[i + half];
+      xh[i] = a * cos[i] - b * sin[i];
+      xh[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int spectr_kernels_version() { return 3; }
+
+// y [rows, n] = x [rows, k] @ W.T + bias, W [n, k] in 32-blocks: codes (4-bit: [n, k/2] bytes; 8-bit:
+// [n, k] int8) and params [n, 2, P] float32: each row's block scales, then its block offsets, zero-padded
+// to P = k/32 rounded up to a multiple of 8. bias may be null.
+void spectr_block_linear(const uint8_t* codes, const float* params, int bits, int64_t n, int64_t k,
+                         const float* x, int64_t rows, const float* bias, float* y) {
+  const int64_t blocks = k / BLOCK, padded = padded_blocks(k);
+  const int64_t row_bytes = bits == 4 ? k / 2 : k;
+  int16_t* q = static_cast<int16_t*>(
+      std::aligned_alloc(64, (sizeof(int16_t) * rows * padded * BLOCK + 2 * sizeof(float) * rows * padded + 63) / 64 * 64));
+  float* scales = reinterpret_cast<float*>(q + rows * padded * BLOCK);
+  float* sums = scales + rows * padded;
+  quantize_rows(x, rows, k, q, scales, sums);
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < n; ++o) {
+    const uint8_t* w = codes + o * row_bytes;
+    const float* w_scales = params + o * 2 * padded;
+    const float b = bias ? bias[o] : 0.f;
+    float out[ROWS_PER_PASS];
+    for (int64_t r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {
+      const int64_t nr = std::min(ROWS_PER_PASS, rows - r0);
+      const int16_t* qr = q + r0 * padded * BLOCK;
+      if (bits == 4)
+        output_row_chunk<4>(nr, w, w_scales, w_scales + padded, blocks, padded, qr, scales + r0 * padded,
+                            sums + r0 * padded, out);
+      else
+        output_row_chunk<8>(nr, w, w_scales, w_scales + padded, blocks, padded, qr, scales + r0 * padded,
+                            sums + r0 * padded, out);
+      for (int64_t i = 0; i < nr; ++i) y[(r0 + i) * n + o] = out[i] + b;
+    }
+  }
+  std::free(q);
+}
+
+// out [B, T, H, E] = softmax(q . k / sqrt(E), where mask) . v for queries q [B, T, H, E] over the
+// cache keys/values [B, G, capacity, E] (slots 0..S-1 in use), mask [B, T, S] (1: may attend).
+// A query's result depends only on the keys and values it may attend, taken in slot order: the
+// same bits whether the other slots are masked out or absent.
+void spectr_attend(const float* q, const float* keys, const float* values, const uint8_t* mask, int64_t batch,
+                   int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e, int64_t capacity, int64_t slots,
+                   float scale, float* out) {
+  const int64_t group = heads / kv_heads;
+#pragma omp parallel
+  {
+    float* scores = static_cast<float*>(std::malloc(sizeof(float) * (slots + e)));
+    float* acc = scores + slots;
+#pragma omp for collapse(3) schedule(static)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t h = 0; h < heads; ++h) {
+          const float* qv = q + ((b * tokens + t) * heads + h) * e;
+          const uint8_t* m = mask + (b * tokens + t) * slots;
+          const int64_t g = h / group;
+          const float* kb = keys + (b * kv_heads + g) * capacity * e;
+          const float* vb = values + (b * kv_heads + g) * capacity * e;
+          float top = -INFINITY;
+          for (int64_t j = 0; j < slots; ++j)
+            if (m[j]) {
+              scores[j] = dot8(qv, kb + j * e, e) * scale;
+              top = std::max(top, scores[j]);
+            }
+          float total = 0.f;
+          for (int64_t i = 0; i < e; ++i) acc[i] = 0.f;
+          for (int64_t j = 0; j < slots; ++j)
+            if (m[j]) {
+              const float p = std::exp(scores[j] - top);
+              total += p;
+              const float* vj = vb + j * e;
+              for (int64_t i = 0; i < e; ++i) acc[i] = std::fma(p, vj[i], acc[i]);
+            }
+          float* o = out + ((b * tokens + t) * heads + h) * e;
+          for (int64_t i = 0; i < e; ++i) o[i] = acc[i] / total;
+        }
+    std::free(scores);
+  }
+}
+
+void spectr_block_linear(const uint8_t* codes, const float* params, int bits, int64_t n, int64_t k, const float* x,
+                         int64_t rows, const float* bias, float* y);
+
+// One decoder layer over x [B, T, D] in place: x += attention(norm(x)); x += mlp(norm(x)). The new
+// tokens' keys and values go to cache slots start..start+T-1 ([B, G, capacity, E] each); cos, sin
+// [B, T, E] are their rotary tables; mask [B, T, start + T]. Every step is row-wise or row-invariant.
+void spectr_decoder_layer(const DecoderLayer* layer, float* x, int64_t batch, int64_t tokens, const float* cos,
+                          const float* sin, float* keys, float* values, int64_t capacity, int64_t start,
+                          const uint8_t* mask) {
+  const int64_t rows = batch * tokens, d = layer->hidden, e = layer->head_dim;
+  const int64_t h = layer->heads, g = layer->kv_heads, f = layer->ffn;
+  const int64_t qkv_width = (h + 2 * g) * e;
+  float* normed = static_cast<float*>(std::malloc(sizeof(float) * rows * (d + qkv_width + h * e + 3 * f + d)));
+  float* qkv = normed + rows * d;
+  float* attended = qkv + rows * qkv_width;
+  float* gate_up = attended + rows * h * e;
+  float* hidden = gate_up + rows * 2 * f;
+  float* update = hidden + rows * f;
+  const BlockWeight* w;
+
+  rms_norm_rows(x, rows, d, layer->attention_norm, layer->eps, normed);
+  w = &layer->qkv;
+  spectr_block_linear(w->codes, w->params, w->bits, w->n, w->k, normed, rows, w->bias, qkv);
+  float* queries = static_cast<float*>(std::malloc(sizeof(float) * rows * h * e));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t row = b * tokens + t;
+      float* q = qkv + row * qkv_width;
+      float* k = q + h * e;
+      const float* v = k + g * e;
+      rotate_heads(q, h, e, cos + row * e, sin + row * e);
+      rotate_heads(k, g, e, cos + row * e, sin + row * e);
+      std::memcpy(queries + row * h * e, q, sizeof(float) * h * e);
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t slot = ((b * g + j) * capacity + start + t) * e;
+        std::memcpy(keys + slot, k + j * e, sizeof(float) * e);
+        std::memcpy(values + slot, v + j * e, sizeof(float) * e);
+      }
+    }
+  spectr_attend(queries, keys, values, mask, batch, tokens, h, g, e, capacity, start + tokens,
+                1.f / std::sqrt(static_cast<float>(e)), attended);
+  std::free(queries);
+  w = &layer->output;
+  spectr_block_linear(w->codes, w->params, w->bits, w->n, w->k, attended, rows, w->bias, update);
+  for (int64_t i = 0; i < rows * d; ++i) x[i] += update[i];
+
+  rms_norm_rows(x, rows, d, layer->mlp_norm, layer->eps, normed);
+  w = &layer->gate_up;
+  spectr_block_linear(w->codes, w->params, w->bits, w->n, w->k, normed, rows, w->bias, gate_up);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < f; ++i) {
+      const float gate = gate_up[r * 2 * f + i], up = gate_up[r * 2 * f + f + i];
+      hidden[r * f + i] = gate / (1.f + std::exp(-gate)) * up;  // silu(gate) * up
+    }
+  w = &layer->down;
+  spectr_block_linear(w->codes, w->params, w->bits, w->n, w->k, hidden, rows, w->bias, update);
+  for (int64_t i = 0; i < rows * d; ++i) x[i] += update[i];
+  std::free(normed);
+}
+
+}  // extern "C"

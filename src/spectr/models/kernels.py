@@ -1,0 +1,160 @@
+"""spectr's compiled CPU kernels (kernels.cpp): a block-quantized linear layer and few-query attention.
+
+Both are row-invariant (see kernels.cpp). The library is built on first use
+with the machine's C++ compiler for its own CPU (-march=native) and cached
+under spectr's cache folder, keyed by the source, the compiler and the CPU, so
+a build happens once per machine (~2 s). Where no compiler works, or with
+SPECTR_KERNELS=off, `library()` is None and spectr runs on torch's kernels
+(faster to set up, but not row-invariant: `spectr check` says so).
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import tempfile
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+BLOCK = 32
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+def _cpu_identity() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((line for line in info.splitlines() if line.startswith("flags")), info[:2000])
+    except OSError:
+        import platform
+
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built if needed; None where they cannot be built (or SPECTR_KERNELS=off)."""
+    if os.environ.get("SPECTR_KERNELS", "").lower() in ("0", "off", "false", "no"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C++ compiler found; spectr runs on torch's kernels (slower, not row-invariant)")
+        return None
+    from spectr.models.gguf import cache_root  # (gguf reads weights into quantize, which uses these kernels)
+
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS),
+                                        _cpu_identity()]).encode()).hexdigest()[:16]
+        target = cache_root() / "kernels" / f"spectr-kernels-{key}.so"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+                                        capture_output=True, text=True, timeout=300)
+                if result.returncode != 0:
+                    raise RuntimeError(result.stderr.strip()[-2000:])
+                os.replace(built, target)  # atomic: a concurrent build never loads a half-written file
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("spectr's kernels could not be built (%s); running on torch's kernels", error)
+        return None
+    lib.spectr_block_linear.argtypes = [_ptr, _ptr, ctypes.c_int, _i64, _i64, _ptr, _i64, _ptr, _ptr]
+    lib.spectr_block_linear.restype = None
+    lib.spectr_attend.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
+                                  ctypes.c_float, _ptr]
+    lib.spectr_attend.restype = None
+    lib.spectr_decoder_layer.argtypes = [ctypes.c_void_p, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
+    lib.spectr_decoder_layer.restype = None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def block_linear(codes: Tensor, params: Tensor, bits: int, x: Tensor, bias: Tensor | None) -> Tensor:
+    """x [..., k] float32 @ W.T (+ bias) for W [n, k] in 32-blocks: codes [n, k / 2] (4-bit) or [n, k] (8-bit)
+    uint8, params [n, 2, P] float32 (see kernels.cpp). Returns float32 [..., n]."""
+    n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
+    flat = x.reshape(-1, k)
+    if flat.dtype != torch.float32 or not flat.is_contiguous():
+        flat = flat.float().contiguous()
+    out = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    library().spectr_block_linear(codes.data_ptr(), params.data_ptr(), bits, n, k, flat.data_ptr(),
+                                  flat.shape[0], None if bias is None else bias.data_ptr(), out.data_ptr())
+    return out.view(*x.shape[:-1], n)
+
+
+def attend(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, slots: int) -> Tensor:
+    """Row-invariant attention. queries [B, T, H, E] float32; keys, values: a layer's whole cache
+    [B, G, capacity, E] float32 (slots 0..slots-1 in use); mask [B, T, slots] bool. Returns [B, T, H, E]."""
+    batch, tokens, heads, head_dim = queries.shape
+    queries = queries.contiguous()
+    mask = mask.contiguous()
+    out = torch.empty_like(queries)
+    library().spectr_attend(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), mask.data_ptr(), batch, tokens,
+                            heads, keys.shape[1], head_dim, keys.shape[2], slots, head_dim ** -0.5, out.data_ptr())
+    return out
+
+
+class _BlockWeight(ctypes.Structure):
+    _fields_ = [("codes", _ptr), ("params", _ptr), ("bias", _ptr), ("bits", _i64), ("n", _i64), ("k", _i64)]
+
+
+class _DecoderLayer(ctypes.Structure):
+    _fields_ = [("attention_norm", _ptr), ("mlp_norm", _ptr), ("qkv", _BlockWeight), ("output", _BlockWeight),
+                ("gate_up", _BlockWeight), ("down", _BlockWeight), ("hidden", _i64), ("heads", _i64),
+                ("kv_heads", _i64), ("head_dim", _i64), ("ffn", _i64), ("eps", ctypes.c_float)]
+
+
+class DecoderLayer:
+    """One Llama decoder layer run by a single kernel call (norms, block linears, RoPE, cache write,
+    attention, SiLU-gated MLP): a step costs one Python call a layer instead of ~25 torch ops.
+
+    The tensors are kept here so the pointers the kernel holds stay valid.
+    """
+
+    def __init__(self, attention_norm: Tensor, mlp_norm: Tensor, qkv, output, gate_up, down, *,
+                 heads: int, kv_heads: int, head_dim: int, eps: float):
+        self._tensors = [attention_norm.float().contiguous(), mlp_norm.float().contiguous()]
+        weights = []
+        for linear in (qkv, output, gate_up, down):
+            bias = None if linear.bias is None else linear.bias.float().contiguous()
+            self._tensors += [linear.codes, linear.params, bias]
+            n, k = linear.codes.shape[0], linear.codes.shape[1] * (2 if linear.bits == 4 else 1)
+            weights.append(_BlockWeight(linear.codes.data_ptr(), linear.params.data_ptr(),
+                                        None if bias is None else bias.data_ptr(), linear.bits, n, k))
+        hidden = self._tensors[0].shape[0]
+        self.descriptor = _DecoderLayer(self._tensors[0].data_ptr(), self._tensors[1].data_ptr(), *weights,
+                                        hidden, heads, kv_heads, head_dim, weights[2].n // 2, eps)
+
+    @staticmethod
+    def supports(hidden: int, head_dim: int, linears) -> bool:
+        from spectr.models.quantize import BlockLinear
+
+        return (available() and hidden % 8 == 0 and head_dim % 8 == 0
+                and all(isinstance(linear, BlockLinear) for linear in linears))
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, start: int,
+                 mask: Tensor) -> None:
+        """x [B, T, D] float32 contiguous, updated in place; cos, sin [B, T, E]; keys, values: this layer's
+        cache [B, G, capacity, E]; mask [B, T, start + T] bool contiguous."""
+        batch, tokens, _ = x.shape
+        library().spectr_decoder_layer(ctypes.byref(self.descriptor), x.data_ptr(), batch, tokens, cos.data_ptr(),
+                                       sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2], start,
+                                       mask.data_ptr())
