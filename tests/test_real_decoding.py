@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from spectr.api import encode_prompt
 from spectr.decoding import Decoder, DecodeSettings
 from spectr.drafters import ModelDrafter, NgramDrafter
 from spectr.models import native_forward
@@ -64,3 +65,32 @@ def test_the_shipped_draft_is_the_default_and_decodes_exactly(real_model, prompt
         spec, steps = run(engine.target.lm, engine.drafter(), DecodeSettings(k=k, length=length), prompt, tokens=32)
         assert spec == plain, (k, length)
         assert steps < 30  # the trained head is accepted along the way
+
+
+CHAT_PROMPTS = [
+    "Name the capital cities of five European countries, with one fact about each.",
+    "Which is the longest river in Europe? Answer in a few sentences.",
+    "Write a short Python function that checks whether a number is prime.",
+]
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    import spectr
+
+    return spectr.load()  # the defaults: the GGUF target at native precision and the shipped draft
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (2, 3), (4, 2)])
+def test_greedy_spectr_equals_greedy_decoding_at_the_default_precision(default_engine, shape):
+    """Bitwise-stable verification: a tree pass gives each position the logits a one-token step gives it, so
+    greedy speculative text is greedy text at native precision, on chat prompts, with the shipped draft."""
+    engine = default_engine
+    assert engine.target.lm.precision == "native"
+    k, length = shape
+    for message in CHAT_PROMPTS:
+        prompt = encode_prompt(engine, message, chat=True)
+        plain, plain_steps = run(engine.target.lm, None, DecodeSettings(method="ar"), prompt, tokens=48)
+        spec, steps = run(engine.target.lm, engine.drafter(), DecodeSettings(k=k, length=length), prompt, tokens=48)
+        assert spec == plain, (message, shape)
+        assert steps < plain_steps  # the draft was accepted along the way
