@@ -23,7 +23,7 @@ import torch
 from spectr.decoding import Decoder, DecodeSettings
 from spectr.drafters.trained import target_identity
 from spectr.models import native_forward
-from spectr.models.loading import rotary_tables
+from spectr.models.llama import rotary_tables
 from spectr.processing import SamplingParams, logits_to_probs
 from spectr.rules import Rule
 from spectr.rules.base import SelectionPlan

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from spectr.models.llama import ForwardOutput, causal_mask
+from spectr.models.base import ForwardOutput
+from spectr.models.llama import causal_mask
 
 
 class TokenCache:

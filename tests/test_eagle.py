@@ -11,7 +11,7 @@ from spectr.drafters import EagleDrafter
 from spectr.errors import UnsupportedModelError
 from spectr.drafters.trained import load_trained_draft, target_identity
 from spectr.models import native_forward
-from spectr.models.loading import rotary_tables
+from spectr.models.llama import rotary_tables
 from spectr.processing import SamplingParams
 from spectr.training.eagle import EagleConfig, EagleHead, SampleRecipe, export, run_recipe
 from tests.models.test_loading import save_tiny_model

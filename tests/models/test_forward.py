@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spectr.errors import ContextOverflowError, InvalidInputError, UnsupportedModelError
-from spectr.models import TransformersForward, native_forward
+from spectr.models import Forward, LlamaForward, TransformersForward, base, native_forward, native_model_types
 from tests.models.tiny import VOCAB, tiny_model
 
 NATIVE_KINDS = ["llama-gqa", "llama-mha-untied", "llama-mqa-scaled-rope", "llama3-rope", "qwen2", "mistral"]
@@ -141,3 +141,26 @@ def test_bad_input_is_named():
 def test_other_architectures_are_refused_by_the_native_forward():
     with pytest.raises(UnsupportedModelError, match="gpt_neox"):
         native_forward(tiny_model("gpt_neox"), "fp32")
+
+
+def test_every_backend_implements_the_forward_protocol():
+    from spectr.models.compiled import CompiledForward
+
+    hf = tiny_model()
+    native = native_forward(hf, "fp32")
+    for lm in (native, TransformersForward(tiny_model()), CompiledForward(native)):
+        assert isinstance(lm, Forward), type(lm).__name__
+        assert lm.config.vocab_size == VOCAB and lm.config.context_length > 0
+
+
+def test_spectrs_forward_is_chosen_by_architecture_through_the_registry(monkeypatch):
+    assert {"llama", "mistral", "qwen2"} <= set(native_model_types())
+    built = []
+
+    def toy_builder(hf_config, state, precision):
+        built.append((hf_config.model_type, precision, sorted(state)[:1]))
+        return native_forward(tiny_model(), precision)
+
+    monkeypatch.setitem(base._BUILDERS, "gpt_neox", toy_builder)
+    lm = native_forward(tiny_model("gpt_neox"), "fp32")  # a newly registered architecture is taken
+    assert isinstance(lm, LlamaForward) and built and built[0][:2] == ("gpt_neox", "fp32")

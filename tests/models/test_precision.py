@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spectr.models import native_forward
-from spectr.models.loading import rotary_tables
+from spectr.models.llama import rotary_tables
 from spectr.models import kernels
 from spectr.models.quantize import BLOCK_SIZE, BlockQuantized
 from tests.models.tiny import VOCAB, tiny_model

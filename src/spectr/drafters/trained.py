@@ -21,7 +21,7 @@ import torch
 from spectr.errors import ModelNotFoundError, UnsupportedModelError
 from spectr.models.config import ModelConfig
 from spectr.models.llama import LlamaForward
-from spectr.models.loading import rotary_tables
+from spectr.models.llama import rotary_tables
 
 WEIGHTS = "draft.safetensors"
 MANIFEST = "draft.json"

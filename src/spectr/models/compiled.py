@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from spectr.errors import InvalidInputError
 from spectr.models.cache import KVCache
-from spectr.models.llama import ForwardOutput, LlamaForward, _rms_norm, _rotate, causal_mask
+from spectr.models.base import ForwardOutput
+from spectr.models.llama import LlamaForward, _rms_norm, _rotate, causal_mask
 
 DEFAULT_BUCKETS = (1, 4, 16, 64)
 

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 from spectr.errors import UnsupportedModelError
 
-# Architectures spectr's forward implements: RMSNorm, RoPE, grouped-query attention, SwiGLU.
-NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The Llama family this config describes: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 NATIVE_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")  # position-independent inv_freq
 
 
@@ -27,9 +27,9 @@ class ModelConfig:
     def from_transformers(cls, hf_config) -> "ModelConfig":
         """Read a transformers config, raising UnsupportedModelError where spectr's forward would differ."""
         model_type = hf_config.model_type
-        if model_type not in NATIVE_MODEL_TYPES:
+        if model_type not in LLAMA_FAMILY:
             raise UnsupportedModelError(
-                f"spectr's own forward implements {', '.join(NATIVE_MODEL_TYPES)}; this model is '{model_type}'"
+                f"spectr's Llama forward implements {', '.join(LLAMA_FAMILY)}; this model is '{model_type}'"
             )
         activation = getattr(hf_config, "hidden_act", "silu")
         if activation != "silu":

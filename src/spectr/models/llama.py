@@ -19,16 +19,11 @@ from torch import Tensor
 from spectr.errors import ContextOverflowError, InvalidInputError
 from spectr.models import kernels
 from spectr.models.attention import FEW_QUERIES, attend
+from spectr.models.base import ForwardOutput, register_forward
 from spectr.models.cache import KVCache
-from spectr.models.config import ModelConfig
+from spectr.models.config import LLAMA_FAMILY, ModelConfig
 from spectr.models.quantize import BlockQuantized, as_dense, compute_dtype, make_linear
 from spectr.precisions import PRECISIONS
-
-
-@dataclass(frozen=True)
-class ForwardOutput:
-    logits: Tensor  # [B, T', V] float32 (T' = len(logit_indices) when given)
-    hidden: Tensor  # [B, T, D] final-norm hidden state of every new token (the LM head's input)
 
 
 @dataclass
@@ -67,6 +62,27 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def rotary_tables(hf_config, context_length: int) -> tuple[Tensor, Tensor]:
+    """cos, sin [context, head_dim] float32, as transformers' rotary embedding computes them (with its scaling).
+
+    The frequencies of scaled RoPE types come from transformers' own init functions; importing its
+    Llama modelling code instead would add ~1.5 s to every load.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = hf_config.rope_parameters
+    if rope["rope_type"] == "default":
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config)
+    freqs = torch.arange(context_length, dtype=torch.float)[:, None] * inv_freq.float()  # [context, E / 2]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * scaling).contiguous(), (angles.sin() * scaling).contiguous()
+
 
 
 def causal_mask(cache_length: int, num_new: int) -> Tensor:
@@ -255,3 +271,10 @@ class LlamaForward:
             full = logits.new_full((*logits.shape[:-1], c.vocab_size), float("-inf"))
             logits = full.index_copy_(-1, self.vocab_subset, logits)
         return ForwardOutput(logits=logits, hidden=hidden)
+
+
+@register_forward(*LLAMA_FAMILY)
+def build_llama(hf_config, state: dict[str, Tensor | BlockQuantized], precision: str) -> LlamaForward:
+    """spectr's Llama forward from a transformers config and a state dict (raises UnsupportedModelError)."""
+    config = ModelConfig.from_transformers(hf_config)
+    return LlamaForward(config, state, rotary_tables(hf_config, config.context_length), precision)

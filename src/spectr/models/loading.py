@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from spectr.errors import ModelNotFoundError, TokenizerMismatchError, UnsupportedModelError
-from spectr.models.config import ModelConfig
-from spectr.models.llama import LlamaForward
+from spectr.models.base import Forward, build_forward
 from spectr.models.gguf import GGUFModel
 from spectr.precisions import DEFAULT_PRECISION, PRECISIONS
 from spectr.models.reference import TransformersForward
@@ -87,46 +86,22 @@ def load_transformers(source: ModelSource):
     return model.eval(), tokenizer
 
 
-def rotary_tables(hf_config, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [context, head_dim] float32, as transformers' rotary embedding computes them (with its scaling).
-
-    The frequencies of scaled RoPE types come from transformers' own init functions; importing its
-    Llama modelling code instead would add ~1.5 s to every load.
-    """
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    rope = hf_config.rope_parameters
-    if rope["rope_type"] == "default":
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        scaling = 1.0
-    else:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config)
-    freqs = torch.arange(context_length, dtype=torch.float)[:, None] * inv_freq.float()  # [context, E / 2]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return (angles.cos() * scaling).contiguous(), (angles.sin() * scaling).contiguous()
-
-
-def native_forward(hf_model, precision: str) -> LlamaForward:
+def native_forward(hf_model, precision: str) -> Forward:
     """spectr's forward over the weights of a transformers model (raises UnsupportedModelError)."""
-    config = ModelConfig.from_transformers(hf_model.config)
     state = {name: tensor.detach() for name, tensor in hf_model.state_dict().items()}
-    return LlamaForward(config, state, rotary_tables(hf_model.config, config.context_length), precision)
+    return build_forward(hf_model.config, state, precision)
 
 
-def gguf_forward(model: GGUFModel, precision: str) -> LlamaForward:
+def gguf_forward(model: GGUFModel, precision: str) -> Forward:
     """spectr's forward over a GGUF file's tensors: as stored under native, dequantized otherwise."""
-    hf_config = model.hf_config
-    config = ModelConfig.from_transformers(hf_config)
-    state = model.state(as_stored=precision == "native")
-    return LlamaForward(config, state, rotary_tables(hf_config, config.context_length), precision)
+    return build_forward(model.hf_config, model.state(as_stored=precision == "native"), precision)
 
 
 @dataclass
 class LoadedModel:
     """A model ready to decode: its forward, tokenizer, and where it came from."""
 
-    lm: LlamaForward | TransformersForward
+    lm: Forward
     tokenizer: object
     source: ModelSource
     hf_config: object = None  # the transformers config (None for a trained draft)

@@ -13,7 +13,8 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from spectr.errors import ContextOverflowError, InvalidInputError
-from spectr.models.llama import ForwardOutput, causal_mask
+from spectr.models.base import ForwardOutput
+from spectr.models.llama import causal_mask
 
 
 @dataclass

@@ -263,7 +263,7 @@ def train(config: EagleConfig, target, train_sequences: list[Sequence], eval_seq
           output: Path, resume: bool = True, progress: Callable[[int, float], None] | None = None,
           log=print, extra: dict | None = None) -> dict:
     """Train the head around `target` (a transformers model) and export it to `output` as it goes."""
-    from spectr.models.loading import rotary_tables
+    from spectr.models.llama import rotary_tables
 
     torch.manual_seed(config.seed)
     output.mkdir(parents=True, exist_ok=True)
