@@ -218,6 +218,56 @@ def train_draft(
 
 
 @app.command()
+def check(
+    target: str = TARGET,
+    precision: list[str] = typer.Option([], "--precision", help="Check only these precisions (repeatable; default: all)."),
+) -> None:
+    """Say what this machine runs (CPU features, spectr's kernels) and, per precision, whether a tree pass
+    gives the same logits bits as one-token passes (batch invariance: greedy spectr = greedy decoding).
+
+    Exits 1 if the default precision is not invariant here.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from spectr.checks import check_precisions, machine
+    from spectr.errors import SpectrError
+    from spectr.precisions import PRECISIONS
+
+    console = Console()
+    here = machine()
+    console.print(f"CPU: {here.cpu}; SIMD: {', '.join(here.simd) or 'none spectr uses'}; threads: {here.threads}")
+    if here.kernels:
+        kernels_line = f"built ({here.compiler})"
+    elif here.kernels_disabled:
+        kernels_line = "off (SPECTR_KERNELS=off): torch's kernels, not row-invariant"
+    else:
+        kernels_line = f"not built ({here.compiler or 'no C++ compiler found'}): torch's kernels, not row-invariant"
+    console.print(f"spectr's kernels: {kernels_line}")
+    unknown = [p for p in precision if p not in PRECISIONS]
+    if unknown:
+        _fail(ValueError(f"unknown precision {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}"))
+    try:
+        results = check_precisions(None if target == "default" else target, tuple(precision) or None)
+    except SpectrError as error:
+        _fail(error)
+    table = Table(title="tree pass (8 nodes) vs one-token passes, same positions")
+    for column in ("precision", "backend", "fused layers", "max |Δ logit|", "batch invariant"):
+        table.add_column(column)
+    for r in results:
+        name = r.precision + (" (default)" if r.precision == DEFAULT_PRECISION else "")
+        table.add_row(name, r.backend, "yes" if r.fused else "no", f"{r.difference:.3g}",
+                      "[green]yes[/green]" if r.invariant else "[yellow]no[/yellow]")
+    console.print(table)
+    if not all(r.invariant for r in results):
+        console.print("Where a precision is not invariant, a position's logits inside a verification tree may differ "
+                      "from a one-token step's by rounding: sampling stays exact for the law the tree computes, but "
+                      "greedy spectr can part from greedy decoding at near-ties.")
+    if any(r.precision == DEFAULT_PRECISION and not r.invariant for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
 def version() -> None:
     """Print spectr's version."""
     from spectr import __version__
