@@ -94,3 +94,15 @@ def test_greedy_spectr_equals_greedy_decoding_at_the_default_precision(default_e
         spec, steps = run(engine.target.lm, engine.drafter(), DecodeSettings(k=k, length=length), prompt, tokens=48)
         assert spec == plain, (message, shape)
         assert steps < plain_steps  # the draft was accepted along the way
+
+
+def test_the_shipped_draft_is_not_offered_to_transformers(default_engine):
+    """The bench's assisted-generation peer needs a draft transformers can load; spectr's own draft format is
+    refused with a reason, not a tokenizer crash."""
+    from spectr.bench.runner import Method, Peers
+    from spectr.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="spectr's own draft format"):
+        default_engine.draft.hf_model
+    reason = Peers(default_engine, None).unavailable(Method(name="hf assisted L=2", family="hf", kind="assisted", length=2))
+    assert reason is not None and "transformers can load" in reason

@@ -132,7 +132,8 @@ class Peers:
     def _assistant_model(self):
         if self._assistant is None:
             draft = self.engine.draft
-            hf_model = getattr(draft, "hf_model", None) if draft is not None else None
+            # A trained draft (no transformers config) reads spectr's own format: transformers cannot load it.
+            hf_model = draft.hf_model if draft is not None and draft.hf_config is not None else None
             self._assistant = False if hf_model is None else copy.deepcopy(hf_model).to(self.engine.target.lm.dtype)
             if self._assistant:
                 self._assistant.generation_config.eos_token_id = None

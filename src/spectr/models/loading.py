@@ -112,6 +112,8 @@ class LoadedModel:
     def hf_model(self):
         """The transformers model of the same weights, loaded on first use (the reference; bench peers)."""
         if self.transformers_model is None:
+            if self.hf_config is None:
+                raise UnsupportedModelError(f"{self.source} is in spectr's own draft format; transformers cannot load it")
             self.transformers_model, _ = load_transformers(self.source)
         return self.transformers_model
 
