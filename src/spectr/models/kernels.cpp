@@ -20,7 +20,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SPECTR_SIMD 1
+#else
+#define SPECTR_SIMD 0
+#endif
+#if SPECTR_SIMD || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -29,6 +34,32 @@ namespace {
 constexpr int64_t BLOCK = 32;
 constexpr int64_t GROUP = 8;          // block scales and sums are padded to whole groups of 8 (one vector)
 constexpr int64_t ROWS_PER_PASS = 4;  // activation rows that share one decode of a weight block
+
+// IEEE half -> float (exact: every half is a float). F16C does it in one instruction where present.
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf / nan
+  } else if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int shift = 0;
+      while (!(mantissa & 0x400)) { mantissa <<= 1; ++shift; }
+      bits = sign | static_cast<uint32_t>(113 - shift) << 23 | ((mantissa & 0x3ff) << 13);
+    }
+  } else {
+    bits = sign | (exponent + 112) << 23 | (mantissa << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
 
 inline int64_t padded_blocks(int64_t k) { return (k / BLOCK + GROUP - 1) / GROUP * GROUP; }
 
@@ -63,7 +94,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int16_t* q, float* s
   }
 }
 
-#if defined(__AVX2__)
+#if SPECTR_SIMD
 inline float horizontal_sum(__m256 v) {  // a fixed order: (lanes 0-3 + 4-7), then pairs
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -71,46 +102,57 @@ inline float horizontal_sum(__m256 v) {  // a fixed order: (lanes 0-3 + 4-7), th
   return _mm_cvtss_f32(s);
 }
 
+
+// The integer dot of one block of codes with NR rows' int16 activations, scaled into acc[r] (exact
+// until the scaling, one fused multiply-add per row).
+template <int BITS, int NR>
+inline void block_into(const uint8_t* w, float scale, int64_t b, int64_t padded, const int16_t* q,
+                       const float* x_scales, __m256* acc) {
+  __m256i w0, w1;  // the block's codes as int16: inputs 0..15 and 16..31
+  if (BITS == 4) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
+    const __m128i low_nibbles = _mm_set1_epi8(15);
+    w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low_nibbles));
+    w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles));
+  } else {
+    w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32)));
+    w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32 + 16)));
+  }
+  for (int r = 0; r < NR; ++r) {
+    const int16_t* qb = q + (r * padded + b) * BLOCK;
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 16));
+    const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));  // exact
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * x_scales[r * padded + b]), acc[r]);
+  }
+}
 #endif
 
 // One output row against nr rows of activations. The weight row: codes (BITS 4: 16 bytes a block,
 // input j in the low nibble of byte j and input j + 16 in its high nibble, GGUF's Q4 layout; BITS 8:
 // 32 int8), then its block scales and offsets (zero past the last block). Each block's integer dot is
 // exact; it is scaled into one of two float accumulators of 8 lanes (even and odd blocks, so that a
-// single row is not bound by the latency of one chain), and the offsets' dot with the block sums is
-// added at the end: the same instructions in the same order for every row, whatever nr is.
+// single row is not bound by the latency of one chain; both stay in registers), and the offsets' dot
+// with the block sums is added at the end: the same instructions in the same order for every row,
+// whatever nr is.
 template <int BITS, int NR>
-inline void output_rows(const uint8_t* w, const float* w_scales, const float* w_offsets, int64_t blocks,
+inline void output_rows(const uint8_t* w, const uint16_t* w_scales, const uint16_t* w_offsets, int64_t blocks,
                         int64_t padded, const int16_t* q, const float* x_scales, const float* x_sums, float* out) {
-#if defined(__AVX2__)
-  __m256 acc[NR][2];
-  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const __m128i low_nibbles = _mm_set1_epi8(15);
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256i w0, w1;  // the block's codes as int16: inputs 0..15 and 16..31
-    if (BITS == 4) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
-      w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low_nibbles));
-      w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles));
-    } else {
-      w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32)));
-      w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32 + 16)));
-    }
-    const float scale = w_scales[b];
-    for (int r = 0; r < NR; ++r) {
-      const int16_t* qb = q + (r * padded + b) * BLOCK;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 16));
-      const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));  // exact
-      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * x_scales[r * padded + b]),
-                                      acc[r][b & 1]);
-    }
+#if SPECTR_SIMD
+  __m256 even[NR], odd[NR];
+  for (int r = 0; r < NR; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 1 < blocks; b += 2) {
+    block_into<BITS, NR>(w, half_to_float(w_scales[b]), b, padded, q, x_scales, even);
+    block_into<BITS, NR>(w, half_to_float(w_scales[b + 1]), b + 1, padded, q, x_scales, odd);
   }
+  if (b < blocks) block_into<BITS, NR>(w, half_to_float(w_scales[b]), b, padded, q, x_scales, even);
   for (int r = 0; r < NR; ++r) {
     __m256 offset_acc = _mm256_setzero_ps();
     for (int64_t g = 0; g < padded; g += 8)
-      offset_acc = _mm256_fmadd_ps(_mm256_loadu_ps(w_offsets + g), _mm256_loadu_ps(x_sums + r * padded + g), offset_acc);
-    out[r] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) + horizontal_sum(offset_acc);
+      offset_acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_offsets + g))),
+                                   _mm256_loadu_ps(x_sums + r * padded + g), offset_acc);
+    out[r] = horizontal_sum(_mm256_add_ps(even[r], odd[r])) + horizontal_sum(offset_acc);
   }
 #else
   for (int r = 0; r < NR; ++r) {
@@ -128,8 +170,8 @@ inline void output_rows(const uint8_t* w, const float* w_scales, const float* w_
         }
         dot += code * qb[i];
       }
-      acc = std::fma(static_cast<float>(dot), w_scales[b] * x_scales[r * padded + b], acc);
-      offset_acc = std::fma(w_offsets[b], x_sums[r * padded + b], offset_acc);
+      acc = std::fma(static_cast<float>(dot), half_to_float(w_scales[b]) * x_scales[r * padded + b], acc);
+      offset_acc = std::fma(half_to_float(w_offsets[b]), x_sums[r * padded + b], offset_acc);
     }
     out[r] = acc + offset_acc;
   }
@@ -137,7 +179,7 @@ inline void output_rows(const uint8_t* w, const float* w_scales, const float* w_
 }
 
 template <int BITS>
-void output_row_chunk(int64_t nr, const uint8_t* w, const float* w_scales, const float* w_offsets, int64_t blocks,
+void output_row_chunk(int64_t nr, const uint8_t* w, const uint16_t* w_scales, const uint16_t* w_offsets, int64_t blocks,
                       int64_t padded, const int16_t* q, const float* x_scales, const float* x_sums, float* out) {
   switch (nr) {
     case 1: output_rows<BITS, 1>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
@@ -160,7 +202,7 @@ inline float dot8(const float* a, const float* b, int64_t e) {
 // The linear layers and norms of one Llama decoder layer, as the Python side describes them.
 struct BlockWeight {
   const uint8_t* codes;
-  const float* params;
+  const uint16_t* params;
   const float* bias;  // may be null
   int64_t bits, n, k;
 };
@@ -200,12 +242,12 @@ void rotate_heads(float* x, int64_t heads, int64_t e, const float* cos, const fl
 
 extern "C" {
 
-int spectr_kernels_version() { return 3; }
+int spectr_kernels_version() { return 4; }
 
 // y [rows, n] = x [rows, k] @ W.T + bias, W [n, k] in 32-blocks: codes (4-bit: [n, k/2] bytes; 8-bit:
-// [n, k] int8) and params [n, 2, P] float32: each row's block scales, then its block offsets, zero-padded
+// [n, k] int8) and params [n, 2, P] float16: each row's block scales, then its block offsets, zero-padded
 // to P = k/32 rounded up to a multiple of 8. bias may be null.
-void spectr_block_linear(const uint8_t* codes, const float* params, int bits, int64_t n, int64_t k,
+void spectr_block_linear(const uint8_t* codes, const uint16_t* params, int bits, int64_t n, int64_t k,
                          const float* x, int64_t rows, const float* bias, float* y) {
   const int64_t blocks = k / BLOCK, padded = padded_blocks(k);
   const int64_t row_bytes = bits == 4 ? k / 2 : k;
@@ -217,7 +259,7 @@ void spectr_block_linear(const uint8_t* codes, const float* params, int bits, in
 #pragma omp parallel for schedule(static)
   for (int64_t o = 0; o < n; ++o) {
     const uint8_t* w = codes + o * row_bytes;
-    const float* w_scales = params + o * 2 * padded;
+    const uint16_t* w_scales = params + o * 2 * padded;
     const float b = bias ? bias[o] : 0.f;
     float out[ROWS_PER_PASS];
     for (int64_t r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {
@@ -278,7 +320,7 @@ void spectr_attend(const float* q, const float* keys, const float* values, const
   }
 }
 
-void spectr_block_linear(const uint8_t* codes, const float* params, int bits, int64_t n, int64_t k, const float* x,
+void spectr_block_linear(const uint8_t* codes, const uint16_t* params, int bits, int64_t n, int64_t k, const float* x,
                          int64_t rows, const float* bias, float* y);
 
 // One decoder layer over x [B, T, D] in place: x += attention(norm(x)); x += mlp(norm(x)). The new

@@ -89,7 +89,7 @@ def available() -> bool:
 
 def block_linear(codes: Tensor, params: Tensor, bits: int, x: Tensor, bias: Tensor | None) -> Tensor:
     """x [..., k] float32 @ W.T (+ bias) for W [n, k] in 32-blocks: codes [n, k / 2] (4-bit) or [n, k] (8-bit)
-    uint8, params [n, 2, P] float32 (see kernels.cpp). Returns float32 [..., n]."""
+    uint8, params [n, 2, P] float16 (see kernels.cpp). Returns float32 [..., n]."""
     n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
     flat = x.reshape(-1, k)
     if flat.dtype != torch.float32 or not flat.is_contiguous():

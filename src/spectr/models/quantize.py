@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spectr.errors import InvalidInputError
 from spectr.models import kernels
 
 BLOCK_SIZE = 32  # inputs per quantization block (GGUF's Q4_0 / Q4_1 / Q8_0, spectr's int4)
@@ -80,9 +81,13 @@ class BlockQuantized:
         """Re-quantize a dense weight [out, in] to 4 bits: per block, scale = (max − min) / 15, offset = min."""
         out_features, in_features = weight.shape
         blocks = weight.float().reshape(out_features, in_features // BLOCK_SIZE, BLOCK_SIZE)
-        low = blocks.amin(-1)
-        scales = ((blocks.amax(-1) - low) / 15).clamp_min(1e-12)
-        codes = ((blocks - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int8)
+        # Scales and offsets in float16, as a file would store them (and spectr's kernel reads them).
+        low = blocks.amin(-1).half().float()
+        scales = ((blocks.amax(-1) - low) / 15).half().float()
+        if not (scales.isfinite().all() and low.isfinite().all()):
+            raise InvalidInputError("weights beyond float16's range cannot be quantized to 4 bits")
+        steps = torch.where(scales > 0, scales, torch.ones_like(scales))
+        codes = ((blocks - low[..., None]) / steps[..., None]).round().clamp(0, 15).to(torch.int8)
         return BlockQuantized(codes.reshape(out_features, in_features), scales, low, 4)
 
     def int4_terms(self) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -107,10 +112,14 @@ class BlockLinear:
             codes = (codes[:, :, 0] | (codes[:, :, 1] << 4))
         self.codes = codes.reshape(out_features, -1).view(torch.uint8).contiguous()
         # [out, 2, P]: each row's block scales, then its offsets, zero-padded to whole groups of 8 blocks.
+        # Half precision, as GGUF stores them: a quarter of a 4-bit row's bytes instead of two fifths.
         padded = -(-in_features // BLOCK_SIZE // 8) * 8
-        self.params = torch.zeros(out_features, 2, padded)
+        self.params = torch.zeros(out_features, 2, padded, dtype=torch.float16)
         self.params[:, 0, : in_features // BLOCK_SIZE] = weight.scales
         self.params[:, 1, : in_features // BLOCK_SIZE] = weight.offsets
+        if not torch.equal(self.params[:, :, : in_features // BLOCK_SIZE].float(),
+                           torch.stack([weight.scales, weight.offsets], 1).float()):
+            raise InvalidInputError("block scales and offsets must be exact in float16 (as GGUF stores them)")
         self.bits = weight.bits
         self.bias = None if bias is None else bias.float().contiguous()
 
