@@ -197,6 +197,84 @@ inline float dot8(const float* a, const float* b, int64_t e) {
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
+// One query over the slots it may see (`seen`, n slot indices in slot order) of one key/value head:
+// scores, softmax, then the weighted sum of values into out [e]. A slot's score is one chain of fused
+// multiply-adds in 8 lanes and a fixed horizontal sum, and values are summed in the order of `seen`,
+// so the result depends only on the keys and values seen, not on which other slots exist.
+void attend_query(const float* qv, const float* kb, const float* vb, const int32_t* seen, int64_t n, int64_t e,
+                  float scale, float* scores, float* out) {
+  float top = -INFINITY;
+#if SPECTR_SIMD
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // four independent chains at a time
+    const float *k0 = kb + seen[j] * e, *k1 = kb + seen[j + 1] * e, *k2 = kb + seen[j + 2] * e,
+                *k3 = kb + seen[j + 3] * e;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < e; i += 8) {
+      const __m256 query = _mm256_loadu_ps(qv + i);
+      a0 = _mm256_fmadd_ps(query, _mm256_loadu_ps(k0 + i), a0);
+      a1 = _mm256_fmadd_ps(query, _mm256_loadu_ps(k1 + i), a1);
+      a2 = _mm256_fmadd_ps(query, _mm256_loadu_ps(k2 + i), a2);
+      a3 = _mm256_fmadd_ps(query, _mm256_loadu_ps(k3 + i), a3);
+    }
+    scores[j] = horizontal_sum(a0) * scale;
+    scores[j + 1] = horizontal_sum(a1) * scale;
+    scores[j + 2] = horizontal_sum(a2) * scale;
+    scores[j + 3] = horizontal_sum(a3) * scale;
+  }
+  for (; j < n; ++j) {
+    const float* k0 = kb + seen[j] * e;
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < e; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), _mm256_loadu_ps(k0 + i), a0);
+    scores[j] = horizontal_sum(a0) * scale;
+  }
+  for (j = 0; j < n; ++j) top = std::max(top, scores[j]);
+  float total = 0.f;
+  for (j = 0; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    total += scores[j];
+  }
+  const __m256 total_lanes = _mm256_set1_ps(total);
+  for (int64_t i0 = 0; i0 < e; i0 += 32) {  // 32 output lanes at a time, kept in registers
+    if (i0 + 32 <= e) {
+      __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+      for (j = 0; j < n; ++j) {
+        const __m256 p = _mm256_set1_ps(scores[j]);
+        const float* v = vb + seen[j] * e + i0;
+        c0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), c0);
+        c1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), c1);
+        c2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), c2);
+        c3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), c3);
+      }
+      _mm256_storeu_ps(out + i0, _mm256_div_ps(c0, total_lanes));
+      _mm256_storeu_ps(out + i0 + 8, _mm256_div_ps(c1, total_lanes));
+      _mm256_storeu_ps(out + i0 + 16, _mm256_div_ps(c2, total_lanes));
+      _mm256_storeu_ps(out + i0 + 24, _mm256_div_ps(c3, total_lanes));
+    } else {
+      for (int64_t i = i0; i < e; i += 8) {
+        __m256 c = _mm256_setzero_ps();
+        for (j = 0; j < n; ++j) c = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), _mm256_loadu_ps(vb + seen[j] * e + i), c);
+        _mm256_storeu_ps(out + i, _mm256_div_ps(c, total_lanes));
+      }
+    }
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = dot8(qv, kb + seen[j] * e, e) * scale;
+    top = std::max(top, scores[j]);
+  }
+  float total = 0.f;
+  for (int64_t i = 0; i < e; ++i) out[i] = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = std::exp(scores[j] - top);
+    total += p;
+    const float* vj = vb + seen[j] * e;
+    for (int64_t i = 0; i < e; ++i) out[i] = std::fma(p, vj[i], out[i]);
+  }
+  for (int64_t i = 0; i < e; ++i) out[i] /= total;
+#endif
+}
+
 }  // namespace
 
 // The linear layers and norms of one Llama decoder layer, as the Python side describes them.
@@ -242,7 +320,7 @@ void rotate_heads(float* x, int64_t heads, int64_t e, const float* cos, const fl
 
 extern "C" {
 
-int spectr_kernels_version() { return 4; }
+int spectr_kernels_version() { return 5; }
 
 // y [rows, n] = x [rows, k] @ W.T + bias, W [n, k] in 32-blocks: codes (4-bit: [n, k/2] bytes; 8-bit:
 // [n, k] int8) and params [n, 2, P] float16: each row's block scales, then its block offsets, zero-padded
@@ -287,36 +365,23 @@ void spectr_attend(const float* q, const float* keys, const float* values, const
   const int64_t group = heads / kv_heads;
 #pragma omp parallel
   {
-    float* scores = static_cast<float*>(std::malloc(sizeof(float) * (slots + e)));
-    float* acc = scores + slots;
+    float* scores = static_cast<float*>(std::malloc(sizeof(float) * slots));
+    int32_t* seen = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * slots));
 #pragma omp for collapse(3) schedule(static)
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t h = 0; h < heads; ++h) {
-          const float* qv = q + ((b * tokens + t) * heads + h) * e;
           const uint8_t* m = mask + (b * tokens + t) * slots;
+          int64_t n = 0;
+          for (int64_t j = 0; j < slots; ++j)
+            if (m[j]) seen[n++] = static_cast<int32_t>(j);
           const int64_t g = h / group;
-          const float* kb = keys + (b * kv_heads + g) * capacity * e;
-          const float* vb = values + (b * kv_heads + g) * capacity * e;
-          float top = -INFINITY;
-          for (int64_t j = 0; j < slots; ++j)
-            if (m[j]) {
-              scores[j] = dot8(qv, kb + j * e, e) * scale;
-              top = std::max(top, scores[j]);
-            }
-          float total = 0.f;
-          for (int64_t i = 0; i < e; ++i) acc[i] = 0.f;
-          for (int64_t j = 0; j < slots; ++j)
-            if (m[j]) {
-              const float p = std::exp(scores[j] - top);
-              total += p;
-              const float* vj = vb + j * e;
-              for (int64_t i = 0; i < e; ++i) acc[i] = std::fma(p, vj[i], acc[i]);
-            }
-          float* o = out + ((b * tokens + t) * heads + h) * e;
-          for (int64_t i = 0; i < e; ++i) o[i] = acc[i] / total;
+          attend_query(q + ((b * tokens + t) * heads + h) * e, keys + (b * kv_heads + g) * capacity * e,
+                       values + (b * kv_heads + g) * capacity * e, seen, n, e, scale, scores,
+                       out + ((b * tokens + t) * heads + h) * e);
         }
     std::free(scores);
+    std::free(seen);
   }
 }
 
