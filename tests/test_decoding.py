@@ -229,3 +229,38 @@ def test_tree_mask_and_positions_literal():
         [1, 1, 1, 0, 1, 0, 1, 0],
         [1, 1, 1, 0, 1, 0, 1, 1],
     ]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_the_head_runs_only_on_rows_the_walk_reads_and_samples_the_same(hf_target, close_draft, precision, monkeypatch):
+    """Verification computes p lazily (root, then the accepted path): the rows read are those of the
+    accepted path, and on spectr's row-invariant kernels (int4) the tokens equal the all-rows computation's."""
+    target = native_forward(hf_target, precision)
+    settings, params = DecodeSettings(k=3, length=3), SamplingParams(temperature=1.0)
+    rows_read = []
+    real_head = target.logits
+
+    def counting_head(hidden):
+        rows_read.append(hidden.shape[0])
+        return real_head(hidden)
+
+    decoder = Decoder(target, ModelDrafter(close_draft), settings, params)
+    decoder._head = counting_head
+    steps, read = [], 0
+    for step in decoder.stream(PROMPT, 24, torch.Generator().manual_seed(3)):
+        if len(step.emitted) == step.accepted + 1:  # (the last step may be cut at max_new_tokens)
+            # One row per emitted token: the root's, then each accepted node's, never the whole tree.
+            assert len(rows_read) - read == step.accepted + 1
+        read = len(rows_read)
+        steps.append(step)
+    assert all(n == 1 for n in rows_read)
+    assert any(step.accepted for step in steps)
+    assert sum(step.tree_nodes + 1 for step in steps) > 2 * len(rows_read)
+    lazy = [token for step in steps for token in step.emitted]
+    eager_decoder = Decoder(target, ModelDrafter(close_draft), settings, params)
+    eager_decoder._head = None  # all rows inside forward, as for transformers' forward
+    eager = [token for step in eager_decoder.stream(PROMPT, 24, torch.Generator().manual_seed(3)) for token in step.emitted]
+    if precision == "int4" and target.fused:
+        assert lazy == eager
+    else:
+        assert len(eager) == len(lazy) == 24

@@ -18,6 +18,7 @@ import torch
 
 from spectr.drafters import Drafter
 from spectr.errors import ContextOverflowError, InvalidInputError
+from spectr.models.base import head_of
 from spectr.processing import SamplingParams, logits_to_probs
 from spectr.rules import RULES, Rule
 from spectr.sampling import sample_categorical
@@ -25,6 +26,7 @@ from spectr.tree import tree_attention_mask, tree_positions
 from spectr.walk import walk
 
 METHODS = ("ar", "sd", "spectr")
+_NO_ROWS = torch.tensor([], dtype=torch.long)  # logit_indices: hidden states only
 
 # The (k, L) used when none is given: the fastest shape of `spectr bench`'s grid on this machine
 # with the shipped draft (docs/RESULTS.md). Greedy: k > 1 cannot help (greedy drafts are all the
@@ -87,6 +89,29 @@ class StepStats:
         self.candidates_per_level = self.candidates_per_level[:count]
 
 
+class RowProbs:
+    """The target's processed law p at the rows of a verified tree, each computed when the walk first reads
+    it: the LM head runs on the root and the accepted path only, not on every node (with a vocabulary of
+    49k the head is the largest matmul of a step). A row's logits are the same bits either way.
+    `seconds` is the time spent computing rows."""
+
+    def __init__(self, head, hidden: torch.Tensor, params: SamplingParams):
+        self.head, self.hidden, self.params = head, hidden, params  # hidden [n + 1, D]
+        self.rows: dict[int, torch.Tensor] = {}
+        self.seconds = 0.0
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        """p at rows [row : row + 1] -> [1, V] (the walk reads one row at a time)."""
+        row = rows.start
+        if rows.stop != row + 1:
+            raise InvalidInputError("RowProbs reads one row at a time, as target_probs[row : row + 1]")
+        if row not in self.rows:
+            start = time.perf_counter()
+            self.rows[row] = logits_to_probs(self.head(self.hidden[row : row + 1]), self.params)
+            self.seconds += time.perf_counter() - start
+        return self.rows[row]
+
+
 def require_room(context: int, prompt_tokens: int, max_new_tokens: int, settings: DecodeSettings) -> int:
     """Positions a generation needs (prompt, new tokens, one draft tree); raise if over the context."""
     needed = prompt_tokens + max_new_tokens + settings.tree_size + 1
@@ -112,6 +137,7 @@ class Decoder:
         # A drafter that reads the target's features (an EAGLE-style head) gets them for every
         # token the target has run: the prompt's, then the root's and the accepted path's after each step.
         self._feed = getattr(drafter, "uses_target_features", False)
+        self._head = head_of(target)
 
     def stream(
         self,
@@ -163,18 +189,22 @@ class Decoder:
         tree = self.drafter.propose(text, self.settings.num_drafts, self.settings.length, self.params, generator)
         drafted = time.perf_counter()
         tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])[None]
-        out = self.target.forward(
-            tokens, tree_positions(tree.parents, cached), cache, tree_attention_mask(tree.parents, cached)
-        )
-        target_probs = logits_to_probs(out.logits[0], self.params)  # [n + 1, V]
+        positions, mask = tree_positions(tree.parents, cached), tree_attention_mask(tree.parents, cached)
+        if self._head is None:
+            out = self.target.forward(tokens, positions, cache, mask)
+            target_probs = logits_to_probs(out.logits[0], self.params)  # [n + 1, V]
+        else:
+            out = self.target.forward(tokens, positions, cache, mask, logit_indices=_NO_ROWS)
+            target_probs = RowProbs(self._head, out.hidden[0], self.params)
         verified = time.perf_counter()
         emitted, path, levels = walk(tree, target_probs, self.rule, generator)
+        head_seconds = getattr(target_probs, "seconds", 0.0)  # verification work done during the walk
         cache.commit(cached + 1, [cached + 1 + node for node in path])
         self.drafter.commit(path)
         if self._feed:
             self.drafter.observe(out.hidden[0, [0] + [1 + node for node in path]])
         return StepStats(
             emitted=emitted, accepted=len(path), candidates_per_level=levels, tree_nodes=tree.num_nodes,
-            draft_seconds=drafted - start, verify_seconds=verified - drafted,
-            select_seconds=time.perf_counter() - verified,
+            draft_seconds=drafted - start, verify_seconds=verified - drafted + head_seconds,
+            select_seconds=time.perf_counter() - verified - head_seconds,
         )

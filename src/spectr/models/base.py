@@ -47,6 +47,13 @@ class Forward(Protocol):
         attention_mask bool [T, S] or [B, T, S] (S = cache.length + T), causal by default."""
 
 
+def head_of(forward: Forward):
+    """The forward's LM head as a function of final hidden states ([..., D] -> float32 [..., V]) where it
+    offers one (spectr's forwards: the decoder then runs the head only on the tree rows it reads), else None
+    (transformers' forward: some architectures post-process logits, so all rows come from forward)."""
+    return getattr(forward, "logits", None)
+
+
 # A builder makes spectr's forward from a transformers config, a state dict by transformers names
 # (dense tensors, or blocks as a GGUF file stores them) and a precision.
 ForwardBuilder = Callable[[object, dict, str], Forward]

@@ -88,6 +88,9 @@ class CompiledForward:
         self.buckets = tuple(sorted(buckets))
         self._compiled = torch.compile(_StaticForward(lm).eval(), dynamic=False)
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.eager.logits(hidden)
+
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
         """A cache with room for the largest bucket's padding past `capacity`."""
         capacity = self.config.context_length if capacity is None else capacity

@@ -266,11 +266,18 @@ class LlamaForward:
             x = x + layer.down(F.silu(gate) * up)
         cache.length = start + num_new
         hidden = _rms_norm(x, self.norm, c.rms_norm_eps)
-        logits = self.head(hidden if logit_indices is None else hidden[:, logit_indices]).float()
+        return ForwardOutput(logits=self.logits(hidden if logit_indices is None else hidden[:, logit_indices]),
+                             hidden=hidden)
+
+    @torch.inference_mode()
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The LM head over final hidden states [..., D] -> float32 [..., V]: the same bits for a row
+        whether computed here later or inside forward (so a caller may run the head only on the rows it reads)."""
+        logits = self.head(hidden).float()
         if self.vocab_subset is not None:
-            full = logits.new_full((*logits.shape[:-1], c.vocab_size), float("-inf"))
+            full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(-1, self.vocab_subset, logits)
-        return ForwardOutput(logits=logits, hidden=hidden)
+        return logits
 
 
 @register_forward(*LLAMA_FAMILY)
