@@ -25,7 +25,7 @@ from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
 from spectr.models.loading import ModelSource
-from spectr.precisions import DEFAULT_PRECISION
+from spectr.precisions import DEFAULT_DRAFT_PRECISION, DEFAULT_PRECISION
 from spectr.processing import SamplingParams
 
 NGRAM = "ngram"
@@ -66,10 +66,11 @@ def load(
     """Load the target (default: SmolLM2-135M-Instruct) and a draft: 'default' (the trained draft
     shipped for the default target, n-gram lookups otherwise), 'ngram', a trained draft folder, or a model.
 
+    draft_precision: the draft's (default int4, DEFAULT_DRAFT_PRECISION: cheapest at equal acceptance).
     compile: run the target through torch.compile (fp32/bf16; ~40 s per shape bucket on first use).
     """
     target_model = load_model(target, precision=precision)
-    draft_model = _load_draft(draft, target_model, draft_precision or precision)
+    draft_model = _load_draft(draft, target_model, draft_precision or DEFAULT_DRAFT_PRECISION)
     if compile:
         from spectr.models.compiled import CompiledForward
 
