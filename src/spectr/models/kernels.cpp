@@ -33,7 +33,7 @@ namespace {
 
 constexpr int64_t BLOCK = 32;
 constexpr int64_t GROUP = 8;          // block scales and sums are padded to whole groups of 8 (one vector)
-constexpr int64_t ROWS_PER_PASS = 4;  // activation rows that share one decode of a weight block
+constexpr int64_t ROWS_PER_PASS = 8;  // most activation rows that share one decode of a weight block
 
 // IEEE half -> float (exact: every half is a float). F16C does it in one instruction where present.
 inline float half_to_float(uint16_t h) {
@@ -103,10 +103,10 @@ inline float horizontal_sum(__m256 v) {  // a fixed order: (lanes 0-3 + 4-7), th
 }
 
 
-// The integer dot of one block of codes with NR rows' int16 activations, scaled into acc[r] (exact
-// until the scaling, one fused multiply-add per row).
+// The integer dot of one block of codes with NR rows' int16 activations, scaled into acc[r]: exact
+// until the scaling (block scale x row scale), then one fused multiply-add per row.
 template <int BITS, int NR>
-inline void block_into(const uint8_t* w, float scale, int64_t b, int64_t padded, const int16_t* q,
+inline void block_into(const uint8_t* w, float w_scale, int64_t b, int64_t padded, const int16_t* q,
                        const float* x_scales, __m256* acc) {
   __m256i w0, w1;  // the block's codes as int16: inputs 0..15 and 16..31
   if (BITS == 4) {
@@ -118,41 +118,38 @@ inline void block_into(const uint8_t* w, float scale, int64_t b, int64_t padded,
     w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32)));
     w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32 + 16)));
   }
+  const __m256 scale = _mm256_set1_ps(w_scale);
   for (int r = 0; r < NR; ++r) {
     const int16_t* qb = q + (r * padded + b) * BLOCK;
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb));
     const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 16));
     const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));  // exact
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * x_scales[r * padded + b]), acc[r]);
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_broadcast_ss(x_scales + r * padded + b)),
+                             acc[r]);
   }
 }
 #endif
 
-// One output row against nr rows of activations. The weight row: codes (BITS 4: 16 bytes a block,
+// One output row against NR rows of activations. The weight row: codes (BITS 4: 16 bytes a block,
 // input j in the low nibble of byte j and input j + 16 in its high nibble, GGUF's Q4 layout; BITS 8:
-// 32 int8), then its block scales and offsets (zero past the last block). Each block's integer dot is
-// exact; it is scaled into one of two float accumulators of 8 lanes (even and odd blocks, so that a
-// single row is not bound by the latency of one chain; both stay in registers), and the offsets' dot
+// 32 int8), then its block scales and offsets (float16, zero past the last block). Each block's
+// integer dot is exact; it is scaled into one float accumulator of 8 lanes per row, in block order
+// (rows are independent chains, so a pass of several rows hides the latency), and the offsets' dot
 // with the block sums is added at the end: the same instructions in the same order for every row,
-// whatever nr is.
+// whatever NR is.
 template <int BITS, int NR>
 inline void output_rows(const uint8_t* w, const uint16_t* w_scales, const uint16_t* w_offsets, int64_t blocks,
                         int64_t padded, const int16_t* q, const float* x_scales, const float* x_sums, float* out) {
 #if SPECTR_SIMD
-  __m256 even[NR], odd[NR];
-  for (int r = 0; r < NR; ++r) even[r] = odd[r] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 1 < blocks; b += 2) {
-    block_into<BITS, NR>(w, half_to_float(w_scales[b]), b, padded, q, x_scales, even);
-    block_into<BITS, NR>(w, half_to_float(w_scales[b + 1]), b + 1, padded, q, x_scales, odd);
-  }
-  if (b < blocks) block_into<BITS, NR>(w, half_to_float(w_scales[b]), b, padded, q, x_scales, even);
+  __m256 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) block_into<BITS, NR>(w, half_to_float(w_scales[b]), b, padded, q, x_scales, acc);
   for (int r = 0; r < NR; ++r) {
     __m256 offset_acc = _mm256_setzero_ps();
     for (int64_t g = 0; g < padded; g += 8)
       offset_acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_offsets + g))),
                                    _mm256_loadu_ps(x_sums + r * padded + g), offset_acc);
-    out[r] = horizontal_sum(_mm256_add_ps(even[r], odd[r])) + horizontal_sum(offset_acc);
+    out[r] = horizontal_sum(acc[r]) + horizontal_sum(offset_acc);
   }
 #else
   for (int r = 0; r < NR; ++r) {
@@ -185,7 +182,11 @@ void output_row_chunk(int64_t nr, const uint8_t* w, const uint16_t* w_scales, co
     case 1: output_rows<BITS, 1>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
     case 2: output_rows<BITS, 2>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
     case 3: output_rows<BITS, 3>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
-    default: output_rows<BITS, 4>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
+    case 4: output_rows<BITS, 4>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
+    case 5: output_rows<BITS, 5>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
+    case 6: output_rows<BITS, 6>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
+    case 7: output_rows<BITS, 7>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
+    default: output_rows<BITS, 8>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
   }
 }
 
@@ -320,7 +321,7 @@ void rotate_heads(float* x, int64_t heads, int64_t e, const float* cos, const fl
 
 extern "C" {
 
-int spectr_kernels_version() { return 5; }
+int spectr_kernels_version() { return 6; }
 
 // y [rows, n] = x [rows, k] @ W.T + bias, W [n, k] in 32-blocks: codes (4-bit: [n, k/2] bytes; 8-bit:
 // [n, k] int8) and params [n, 2, P] float16: each row's block scales, then its block offsets, zero-padded
@@ -340,8 +341,10 @@ void spectr_block_linear(const uint8_t* codes, const uint16_t* params, int bits,
     const uint16_t* w_scales = params + o * 2 * padded;
     const float b = bias ? bias[o] : 0.f;
     float out[ROWS_PER_PASS];
-    for (int64_t r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {
-      const int64_t nr = std::min(ROWS_PER_PASS, rows - r0);
+    // Rows in passes of near-equal size (9 rows: 5 + 4, not 8 + 1); a row's result does not depend on its pass.
+    const int64_t passes = (rows + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    for (int64_t pass = 0, r0 = 0; pass < passes; ++pass) {
+      const int64_t nr = rows / passes + (pass < rows % passes ? 1 : 0);
       const int16_t* qr = q + r0 * padded * BLOCK;
       if (bits == 4)
         output_row_chunk<4>(nr, w, w_scales, w_scales + padded, blocks, padded, qr, scales + r0 * padded,
@@ -350,6 +353,7 @@ void spectr_block_linear(const uint8_t* codes, const uint16_t* params, int bits,
         output_row_chunk<8>(nr, w, w_scales, w_scales + padded, blocks, padded, qr, scales + r0 * padded,
                             sums + r0 * padded, out);
       for (int64_t i = 0; i < nr; ++i) y[(r0 + i) * n + o] = out[i] + b;
+      r0 += nr;
     }
   }
   std::free(q);
