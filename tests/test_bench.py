@@ -124,3 +124,13 @@ def test_cli_bench_writes_json_and_report(folders, tmp_path):
 def test_cli_bench_names_a_bad_list(folders):
     result = CliRunner().invoke(app, ["bench", "--target", str(folders[0]), "--temperatures", "hot"])
     assert result.exit_code == 2 and "comma-separated list of floats" in result.output
+
+
+def test_results_name_models_not_this_machines_paths(result, tmp_path):
+    import json
+    from pathlib import Path
+
+    text = json.dumps({key: result[key] for key in ("engine", "machine", "config")})
+    for folder in {str(Path.cwd()), str(Path.home()), str(tmp_path.parent)}:
+        assert folder not in text
+    assert "/" not in result["engine"]

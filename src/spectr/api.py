@@ -51,9 +51,14 @@ class Engine:
             return EagleDrafter(self.draft.lm)
         return ModelDrafter(self.draft.lm)
 
-    def describe(self) -> str:
-        draft = "n-gram lookup" if self.draft is None else f"{self.draft.source} ({self.draft.lm.backend})"
-        return f"target {self.target.source} ({self.target.lm.backend}, {self.target.lm.precision}); draft {draft}"
+    def describe(self, paths: bool = True) -> str:
+        """Which target and draft run, how; paths=False names them without this machine's paths (for results)."""
+        def name(model: LoadedModel) -> str:
+            return str(model.source) if paths else model.source.name
+
+        draft = ("n-gram lookup" if self.draft is None
+                 else f"{name(self.draft)} ({self.draft.lm.backend}, {self.draft.lm.precision})")
+        return f"target {name(self.target)} ({self.target.lm.backend}, {self.target.lm.precision}); draft {draft}"
 
 
 def load(

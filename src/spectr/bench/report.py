@@ -126,7 +126,8 @@ def markdown(result: dict, images: list[Path], relative_to: Path, command: str) 
     parts = [
         "# spectr benchmark results", "",
         f"Produced by `{command}`; raw numbers in the JSON next to the plots. Engine: {result['engine']}. "
-        f"Machine: {result['machine']['platform']}, {result['machine']['threads']} threads.", "",
+        f"Machine: {result['machine'].get('processor') or result['machine']['platform']}, "
+        f"{result['machine']['threads']} threads.", "",
         f"Suites {', '.join(config['suites'])} ({config['prompts_per_suite']} prompts each), "
         f"{config['max_new_tokens']} new tokens per prompt (end-of-sequence does not stop anyone), top-k and "
         "top-p off for every method. Methods interleaved prompt by prompt; speedups are ratios of tok/s "

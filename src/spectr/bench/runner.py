@@ -216,6 +216,13 @@ def encode(engine, prompt: Prompt) -> list[int]:
     return encode_prompt(engine, prompt.text, chat=prompt.chat)
 
 
+def _cpu() -> str:
+    from spectr.checks import machine
+
+    here = machine()
+    return f"{here.cpu} ({', '.join(here.simd) or 'no SIMD spectr uses'}; spectr kernels {'on' if here.kernels else 'off'})"
+
+
 def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method] | None = None,
               progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Run every method on every prompt of every suite at every temperature; the raw results as a dict."""
@@ -250,9 +257,9 @@ def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method
                     progress(done, total, f"T={temperature:g} {prompt.suite} {method.name}")
     return {
         "config": {**asdict(config), "methods": [asdict(m) for m in runnable]},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+        "machine": {"platform": platform.platform(), "processor": _cpu(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "engine": engine.describe(),
+        "engine": engine.describe(paths=False),
         "skipped": skipped,
         "records": [asdict(r) for r in records],
         "summary": summarize(records, runnable),

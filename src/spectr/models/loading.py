@@ -31,6 +31,11 @@ class ModelSource:
     folder: Path
     gguf_file: str | None  # a file name inside `folder`, or None for a transformers folder
 
+    @property
+    def name(self) -> str:
+        """The model's file or folder name, without where it lies."""
+        return self.gguf_file or self.folder.name
+
     def __str__(self) -> str:
         return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
 
