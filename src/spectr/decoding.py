@@ -28,10 +28,11 @@ from spectr.walk import walk
 METHODS = ("ar", "sd", "spectr")
 _NO_ROWS = torch.tensor([], dtype=torch.long)  # logit_indices: hidden states only
 
-# The (k, L) used when none is given: the fastest shape of `spectr bench`'s grid on this machine
-# with the shipped draft (docs/RESULTS.md). Greedy: k > 1 cannot help (greedy drafts are all the
-# same draft), and short drafts won; sampling: K-SEQ with 2 drafts of 2 tokens (1.22x over ar).
-DEFAULT_SHAPE = {"greedy": (1, 2), "sampling": (2, 2)}
+# The (k, L) used when none is given: the fastest shape of `spectr bench`'s grid on this machine with
+# the shipped draft (docs/CHAT.md: chat prompts, native target, int4 draft). With a draft accepting ~0.3
+# a token, one draft token a step wins at both temperatures (T = 1: 83.5 tok/s, BE 1.33; K-SEQ k = 2, L = 1:
+# 72.4, BE 1.40) -- and still loses to plain sampling (96.7): the draft is what caps speculation today.
+DEFAULT_SHAPE = {"greedy": (1, 1), "sampling": (1, 1)}
 
 
 def default_shape(temperature: float) -> tuple[int, int]:

@@ -207,8 +207,11 @@ def render(results: list[ForwardTiming], context: int, new_token_counts: tuple[i
     ]
     notes = [
         "",
-        "native runs the file's own blocks (Q4_1 / Q4_0 on group-32 int4, Q8_0 as two exact int4 halves); "
-        "int8 / int4 re-quantize the dequantized weights. Each precision mode is exact with respect to the "
+        "native runs the file's own blocks as stored (Q4_1 / Q4_0 / Q8_0 with their float16 block scales) on "
+        "spectr's row-invariant kernel, one kernel call a layer (where the kernels cannot be built: torch's "
+        "int4 kernel, Q8_0 as two exact int4 halves); int4 re-quantizes the dequantized weights to 32-blocks on "
+        "the same kernel, int8 per channel on torch's. In decoding, verification runs the LM head only on the "
+        "rows the walk reads; these timings include it for every new token. Each precision mode is exact with respect to the "
         "distribution its own verification forward computes: a lower precision changes *which* target is "
         "sampled (the deviation columns), never the exactness of speculative sampling against it. TV: "
         "total-variation distance between next-token distributions. llama.cpp runs with `logits_all` so that, "
