@@ -77,3 +77,33 @@ def test_a_tree_pass_equals_one_token_passes_bitwise():
         for step, j in enumerate(path):
             alone = lm.forward(tokens[:, j : j + 1], torch.tensor([cached + step]), cache).logits[0, 0]
         assert torch.equal(alone, tree[row]), row
+
+
+# The portable C++ path (CPUs without AVX2 + FMA + F16C, e.g. ARM): no -march=native.
+PORTABLE_FLAGS = tuple(flag for flag in kernels.FLAGS if not flag.startswith("-march")) + ("-march=x86-64",)
+
+
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory):
+    import platform
+
+    if not kernels.available() or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C++ compiler and an x86-64 machine to build the portable path beside the SIMD one")
+    return kernels.load(kernels.build(tmp_path_factory.mktemp("kernels"), PORTABLE_FLAGS))
+
+
+@pytest.mark.parametrize("kind, shape", [("Q4_1", (96, 576)), ("Q8_0", (64, 160))])
+def test_the_portable_kernel_path_is_row_invariant_and_agrees_with_the_simd_one(portable_library, monkeypatch,
+                                                                                kind, shape):
+    values = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    weight = _Blocks(kind, quantize(values, GGMLQuantizationType[kind]), shape).stored("w")
+    x = torch.randn(11, shape[1])
+    simd = BlockLinear(weight, None)(x)
+    monkeypatch.setattr(kernels, "library", lambda: portable_library)
+    linear = BlockLinear(weight, None)
+    alone = torch.cat([linear(x[i : i + 1]) for i in range(11)])
+    for rows in (1, 2, 5, 9, 11):
+        assert torch.equal(linear(x[:rows]), alone[:rows]), rows
+    torch.testing.assert_close(alone, simd, rtol=1e-5, atol=1e-4)
+    expected = x @ weight.dequantize().T
+    torch.testing.assert_close(alone, expected, rtol=1e-3, atol=1e-2)

@@ -44,35 +44,31 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built if needed; None where they cannot be built (or SPECTR_KERNELS=off)."""
-    if os.environ.get("SPECTR_KERNELS", "").lower() in ("0", "off", "false", "no"):
-        return None
-    compiler = _compiler()
+def build(folder: Path, flags: tuple[str, ...] = FLAGS, compiler: str | None = None) -> Path:
+    """Compile kernels.cpp with `flags` into `folder` (once per source, compiler, flags and CPU); the .so's path.
+    Raises RuntimeError where it cannot."""
+    compiler = compiler or _compiler()
     if compiler is None:
-        log.warning("no C++ compiler found; spectr runs on torch's kernels (slower, not row-invariant)")
-        return None
-    from spectr.models.gguf import cache_root  # (gguf reads weights into quantize, which uses these kernels)
+        raise RuntimeError("no C++ compiler found")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(flags),
+                                    _cpu_identity()]).encode()).hexdigest()[:16]
+    target = folder / f"spectr-kernels-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr.strip()[-2000:])
+            os.replace(built, target)  # atomic: a concurrent build never loads a half-written file
+    return target
 
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS),
-                                        _cpu_identity()]).encode()).hexdigest()[:16]
-        target = cache_root() / "kernels" / f"spectr-kernels-{key}.so"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                built = Path(scratch) / target.name
-                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
-                                        capture_output=True, text=True, timeout=300)
-                if result.returncode != 0:
-                    raise RuntimeError(result.stderr.strip()[-2000:])
-                os.replace(built, target)  # atomic: a concurrent build never loads a half-written file
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        log.warning("spectr's kernels could not be built (%s); running on torch's kernels", error)
-        return None
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built kernel library, its functions typed."""
+    lib = ctypes.CDLL(str(path))
     lib.spectr_block_linear.argtypes = [_ptr, _ptr, ctypes.c_int, _i64, _i64, _ptr, _i64, _ptr, _ptr]
     lib.spectr_block_linear.restype = None
     lib.spectr_attend.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
@@ -81,6 +77,23 @@ def library() -> ctypes.CDLL | None:
     lib.spectr_decoder_layer.argtypes = [ctypes.c_void_p, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
     lib.spectr_decoder_layer.restype = None
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built if needed; None where they cannot be built (or SPECTR_KERNELS=off)."""
+    if os.environ.get("SPECTR_KERNELS", "").lower() in ("0", "off", "false", "no"):
+        return None
+    if _compiler() is None:
+        log.warning("no C++ compiler found; spectr runs on torch's kernels (slower, not row-invariant)")
+        return None
+    from spectr.models.gguf import cache_root  # (gguf reads weights into quantize, which uses these kernels)
+
+    try:
+        return load(build(cache_root() / "kernels"))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("spectr's kernels could not be built (%s); running on torch's kernels", error)
+        return None
 
 
 def available() -> bool:
