@@ -107,8 +107,14 @@ def test_the_head_holds_the_targets_features_of_the_committed_text(hf_target, he
     draft.forward(torch.tensor([text[1 : entries + 1]]), torch.arange(1, entries + 1), cache,
                   features=fresh[None, :entries])
     assert drafter.cache.length == entries
+    # fp32 float noise (dense matmuls over other row counts); the control below shows what a wrong
+    # feature does: features one position off move the keys by orders of magnitude more.
     torch.testing.assert_close(drafter.cache.keys[:, :, :, :entries], cache.keys[:, :, :, :entries],
-                               atol=1e-5, rtol=1e-5)  # float noise; a wrong feature moves keys by O(1)
+                               atol=1e-4, rtol=1e-4)
+    shifted = draft.new_cache(64)
+    draft.forward(torch.tensor([text[1 : entries + 1]]), torch.arange(1, entries + 1), shifted,
+                  features=fresh[None, 1 : entries + 1])
+    assert float((shifted.keys[:, :, :, 1:entries] - cache.keys[:, :, :, 1:entries]).abs().max()) > 1e-2
 
 
 class _MisreportingDrafter(EagleDrafter):
