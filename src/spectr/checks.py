@@ -9,7 +9,6 @@ of asserting it.
 """
 
 from dataclasses import dataclass
-import os
 import platform
 import subprocess
 
@@ -34,6 +33,16 @@ class Machine:
     kernels: bool  # spectr's kernels are built and loaded
     kernels_disabled: bool  # SPECTR_KERNELS=off
 
+    def describe(self) -> str:
+        """One line: the CPU, its SIMD features, and whether spectr's kernels run."""
+        if self.kernels:
+            state = "spectr kernels built"
+        elif self.kernels_disabled:
+            state = "spectr kernels off (SPECTR_KERNELS=off): torch's kernels, not row-invariant"
+        else:
+            state = f"spectr kernels not built ({self.compiler or 'no C++ compiler found'}): torch's kernels, not row-invariant"
+        return f"{self.cpu} ({', '.join(self.simd) or 'no SIMD spectr uses'}; {state})"
+
 
 def machine() -> Machine:
     flags: set[str] = set()
@@ -46,17 +55,13 @@ def machine() -> Machine:
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    compiler = kernels._compiler()
-    version = None
-    if compiler is not None:
-        try:
-            version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                                     timeout=30).stdout.splitlines()[0]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            version = compiler
+    try:
+        version = (kernels.compiler_version() or "").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        version = []
     return Machine(cpu=cpu, simd=tuple(f for f in SIMD_FLAGS if f in flags), threads=torch.get_num_threads(),
-                   compiler=version, kernels=kernels.available(),
-                   kernels_disabled=os.environ.get("SPECTR_KERNELS", "").lower() in ("0", "off", "false", "no"))
+                   compiler=version[0] if version else None, kernels=kernels.available(),
+                   kernels_disabled=kernels.disabled())
 
 
 def tree_invariance(lm, prompt: list[int], parents: torch.Tensor = PROBE_PARENTS) -> float:

@@ -236,14 +236,7 @@ def check(
 
     console = Console()
     here = machine()
-    console.print(f"CPU: {here.cpu}; SIMD: {', '.join(here.simd) or 'none spectr uses'}; threads: {here.threads}")
-    if here.kernels:
-        kernels_line = f"built ({here.compiler})"
-    elif here.kernels_disabled:
-        kernels_line = "off (SPECTR_KERNELS=off): torch's kernels, not row-invariant"
-    else:
-        kernels_line = f"not built ({here.compiler or 'no C++ compiler found'}): torch's kernels, not row-invariant"
-    console.print(f"spectr's kernels: {kernels_line}")
+    console.print(f"{here.describe()}; {here.threads} threads" + (f"; {here.compiler}" if here.kernels else ""))
     unknown = [p for p in precision if p not in PRECISIONS]
     if unknown:
         _fail(ValueError(f"unknown precision {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}"))

@@ -191,15 +191,16 @@ class Decoder:
         drafted = time.perf_counter()
         tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])[None]
         positions, mask = tree_positions(tree.parents, cached), tree_attention_mask(tree.parents, cached)
+        lazy = None  # the head's rows computed during the walk (verification work, timed as such)
         if self._head is None:
             out = self.target.forward(tokens, positions, cache, mask)
             target_probs = logits_to_probs(out.logits[0], self.params)  # [n + 1, V]
         else:
             out = self.target.forward(tokens, positions, cache, mask, logit_indices=_NO_ROWS)
-            target_probs = RowProbs(self._head, out.hidden[0], self.params)
+            target_probs = lazy = RowProbs(self._head, out.hidden[0], self.params)
         verified = time.perf_counter()
         emitted, path, levels = walk(tree, target_probs, self.rule, generator)
-        head_seconds = getattr(target_probs, "seconds", 0.0)  # verification work done during the walk
+        head_seconds = 0.0 if lazy is None else lazy.seconds
         cache.commit(cached + 1, [cached + 1 + node for node in path])
         self.drafter.commit(path)
         if self._feed:

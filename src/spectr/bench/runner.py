@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from spectr.bench.suites import Prompt, load_suite
+from spectr.checks import machine
 from spectr.decoding import Decoder, DecodeSettings
 from spectr.drafters.base import root_distributions
 from spectr.processing import SamplingParams
@@ -216,13 +217,6 @@ def encode(engine, prompt: Prompt) -> list[int]:
     return encode_prompt(engine, prompt.text, chat=prompt.chat)
 
 
-def _cpu() -> str:
-    from spectr.checks import machine
-
-    here = machine()
-    return f"{here.cpu} ({', '.join(here.simd) or 'no SIMD spectr uses'}; spectr kernels {'on' if here.kernels else 'off'})"
-
-
 def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method] | None = None,
               progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Run every method on every prompt of every suite at every temperature; the raw results as a dict."""
@@ -257,7 +251,7 @@ def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method
                     progress(done, total, f"T={temperature:g} {prompt.suite} {method.name}")
     return {
         "config": {**asdict(config), "methods": [asdict(m) for m in runnable]},
-        "machine": {"platform": platform.platform(), "processor": _cpu(),
+        "machine": {"platform": platform.platform(), "processor": machine().describe(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "engine": engine.describe(paths=False),
         "skipped": skipped,

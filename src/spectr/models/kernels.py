@@ -44,13 +44,26 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
+def disabled() -> bool:
+    """SPECTR_KERNELS=off (or 0 / false / no): run on torch's kernels."""
+    return os.environ.get("SPECTR_KERNELS", "").lower() in ("0", "off", "false", "no")
+
+
+def compiler_version(compiler: str | None = None) -> str | None:
+    """`c++ --version` of the compiler the kernels are built with; None where none is found."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        return None
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+
+
 def build(folder: Path, flags: tuple[str, ...] = FLAGS, compiler: str | None = None) -> Path:
     """Compile kernels.cpp with `flags` into `folder` (once per source, compiler, flags and CPU); the .so's path.
     Raises RuntimeError where it cannot."""
     compiler = compiler or _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = compiler_version(compiler)
     key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(flags),
                                     _cpu_identity()]).encode()).hexdigest()[:16]
     target = folder / f"spectr-kernels-{key}.so"
@@ -82,7 +95,7 @@ def load(path: Path) -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built if needed; None where they cannot be built (or SPECTR_KERNELS=off)."""
-    if os.environ.get("SPECTR_KERNELS", "").lower() in ("0", "off", "false", "no"):
+    if disabled():
         return None
     if _compiler() is None:
         log.warning("no C++ compiler found; spectr runs on torch's kernels (slower, not row-invariant)")
