@@ -134,3 +134,20 @@ def test_results_name_models_not_this_machines_paths(result, tmp_path):
     for folder in {str(Path.cwd()), str(Path.home()), str(tmp_path.parent)}:
         assert folder not in text
     assert "/" not in result["engine"]
+
+
+def test_a_compared_draft_runs_the_same_grid_side_by_side(folders, tmp_path):
+    target, draft = folders
+    engine = spectr.load(target, draft=draft, precision="fp32")
+    other = spectr.Engine(target=engine.target, draft=None)  # n-gram lookups, labelled "lookup"
+    config = runner.BenchConfig(suites=("chat",), prompts_per_suite=1, temperatures=(1.0,), max_new_tokens=6,
+                                grid_k=(1, 2), grid_length=(2,), peers=False, compared_drafts=("lookup",))
+    out = runner.run_bench(engine, config, cache_dir=tmp_path, compared={"lookup": other})
+    names = {m["name"] for m in out["config"]["methods"]}
+    assert {"spectr sd L=2", "spectr sd L=2 [lookup]", "spectr kseq k=2 L=2 [lookup]"} <= names
+    rows = [r for r in out["summary"] if r["suite"] == "all"]
+    assert report.best_sd(out, 1.0)["draft"] == "" and report.best_sd(out, 1.0, draft="lookup")["draft"] == "lookup"
+    assert "[lookup]" in report.headline_table(out)
+    assert {r["draft"] for r in rows if r["family"] == "spectr"} == {"", "lookup"}
+    with pytest.raises(ValueError, match="compared drafts"):
+        runner.run_bench(engine, config, cache_dir=tmp_path)

@@ -13,7 +13,8 @@ from spectr.drafters.trained import load_trained_draft, target_identity
 from spectr.models import native_forward
 from spectr.models.llama import rotary_tables
 from spectr.processing import SamplingParams
-from spectr.training.eagle import EagleConfig, EagleHead, SampleRecipe, export, run_recipe
+from spectr.training.eagle import EagleConfig, EagleHead, export, run_recipe
+from spectr.training.samples import DataRecipe
 from tests.models.test_loading import save_tiny_model
 from tests.models.tiny import VOCAB, tiny_model
 from tests.stats import P_VALUE_THRESHOLD, chi_square_pvalue
@@ -164,31 +165,47 @@ def test_a_drafter_fed_wrong_features_is_caught(hf_target, head_folder):
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
-    folder = save_tiny_model(tmp_path_factory.mktemp("target"), chat=True)
+    from tests.test_draft_data import TINY_TEMPLATE
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("target"), chat=TINY_TEMPLATE)
     output = tmp_path_factory.mktemp("eagle")
     config = EagleConfig(vocab=48, unroll=2, sequence=24, batch_tokens=64, steps=3, checkpoint_every=2,
                          eval_sequences=4)
-    recipe = SampleRecipe(train_tokens=300, heldout_tokens=60, batch=4, max_new_tokens=12, precision="fp32")
-    final = run_recipe(str(folder), output, config, recipe, resume=False, log=lambda message: None)
-    return folder, output, config, recipe, final
+    data = DataRecipe(tokens=300, rows=8, chunk_steps=40, max_answer_tokens=12, max_user_tokens=8, text_tokens=8,
+                      max_text_tokens=12, min_kept_tokens=2, precision="fp32")
+    final = run_recipe(str(folder), output, config, data, resume=False, log=lambda message: None)
+    return folder, output, config, data, final
 
 
 def test_recipe_samples_trains_checkpoints_and_resumes(recipe_run):
-    folder, output, config, recipe, final = recipe_run
+    folder, output, config, data, final = recipe_run
     assert final["step"] == 3 and set(final["acceptance"]) == {"T=1", "T=0.7", "greedy"}
     manifest = json.loads((output / "draft.json").read_text())
-    assert manifest["format"] == "spectr-eagle-1" and manifest["samples"]["train_tokens"] == 300
+    assert manifest["format"] == "spectr-eagle-2" and manifest["samples"]["tokens"] == 300
+    assert manifest["feature_layers"] == [0, 1] and manifest["samples"]["stored_tokens"] >= 300
     history = manifest["history"]
     assert [entry["step"] for entry in history] == [0, 2, 3]
     assert history[0]["acceptance"] != history[-1]["acceptance"]  # training moved the head
     best = max(history, key=lambda entry: entry["acceptance"]["T=1"][0])  # what export keeps
     assert manifest["exported_step"] == best["step"] and manifest["held_out_acceptance"] == best["acceptance"]
-    shards = sorted((output / "samples" / "train").glob("shard-*.pt"))
+    assert (output / "learning-curve.png").is_file()
+    shards = sorted((output / "samples").glob("shard-*.pt"))
     assert shards
     more = EagleConfig(**{**config.__dict__, "steps": 4})
-    resumed = run_recipe(str(folder), output, more, recipe, resume=True, log=lambda message: None)
+    resumed = run_recipe(str(folder), output, more, data, resume=True, log=lambda message: None)
     assert resumed["step"] == 4
-    assert sorted((output / "samples" / "train").glob("shard-*.pt")) == shards  # no resampling
+    assert sorted((output / "samples").glob("shard-*.pt")) == shards  # no resampling
+
+
+def test_a_recipe_out_of_time_stops_while_sampling_and_goes_on(tmp_path):
+    from tests.test_draft_data import TINY_TEMPLATE
+
+    folder = save_tiny_model(tmp_path / "target", chat=TINY_TEMPLATE)
+    data = DataRecipe(tokens=100_000, rows=4, chunk_steps=16, max_answer_tokens=8, text_tokens=6, max_text_tokens=8,
+                      min_kept_tokens=2, precision="fp32")
+    assert run_recipe(str(folder), tmp_path / "draft", EagleConfig(vocab=48), data, hours=0.0,
+                      log=lambda message: None) is None
+    assert not (tmp_path / "draft" / "draft.json").exists()
 
 
 def test_recipe_output_loads_as_the_draft_and_decodes_exactly(recipe_run):

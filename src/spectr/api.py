@@ -24,7 +24,7 @@ from spectr.decoding import Decoder, DecodeSettings, StepStats, default_shape
 from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
-from spectr.models.loading import ModelSource
+from spectr.models.loading import ModelSource, stop_token_ids
 from spectr.precisions import DEFAULT_DRAFT_PRECISION, DEFAULT_PRECISION
 from spectr.processing import SamplingParams
 
@@ -193,11 +193,6 @@ def encode_prompt(engine: Engine, prompt: str | list[int] | list[dict], chat: bo
     return list(tokenizer(prompt, add_special_tokens=False).input_ids)
 
 
-def _stop_token_ids(tokenizer) -> frozenset[int]:
-    eos = tokenizer.eos_token_id
-    return frozenset([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
-
-
 def stream(
     engine: Engine,
     prompt: str | list[int] | list[dict],
@@ -224,7 +219,7 @@ def stream(
     generator = torch.Generator().manual_seed(random.randrange(2**63) if seed is None else seed)
     decoder = Decoder(engine.target.lm, engine.drafter() if method != "ar" else None, settings, params)
     stats = GenerationStats(prompt_tokens=len(ids))
-    stop_ids = _stop_token_ids(engine.tokenizer)
+    stop_ids = stop_token_ids(engine.tokenizer)
     hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
     text = IncrementalText(engine.tokenizer, hidden=stop_ids, keep=hold)
     shown = 0  # characters already streamed

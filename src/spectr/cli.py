@@ -150,69 +150,79 @@ def serve(
 
 @app.command("train-draft")
 def train_draft(
-    output: Path = typer.Option(..., "--output", "-o", help="Folder of the draft (samples and checkpoints too)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder of the draft (checkpoints too)."),
     target: str = TARGET,
     kind: str = typer.Option("eagle", "--kind", help="eagle: a head over the target's features (default); "
                              "standalone: a few-layer model."),
-    vocab: int = typer.Option(12288, "--vocab", min=16, help="Head rows kept (most frequent tokens)."),
-    steps: int = typer.Option(600, "--steps", min=1),
-    learning_rate: float = typer.Option(1e-3, "--learning-rate"),
-    seed: int = typer.Option(0, "--seed"),
-    checkpoint_every: int = typer.Option(60, "--checkpoint-every", min=1),
-    sample_tokens: int = typer.Option(275_823, "--sample-tokens", min=1,
-                                      help="eagle: tokens the target samples to train on."),
-    heldout_tokens: int = typer.Option(24_000, "--heldout-tokens", min=1,
-                                       help="eagle: tokens sampled for the held-out measurement."),
-    sample_batch: int = typer.Option(48, "--sample-batch", min=1, help="eagle: sequences sampled side by side."),
-    unroll: int = typer.Option(3, "--unroll", min=1, help="eagle: draft depths trained together."),
-    batch_tokens: int = typer.Option(4096, "--batch-tokens", min=16, help="eagle: tokens per training step."),
-    layers: int = typer.Option(2, "--layers", min=1, help="standalone: decoder layers of the draft."),
-    batch: int = typer.Option(8, "--batch", min=1, help="standalone: sequences per step."),
-    sequence: int | None = typer.Option(None, "--sequence", min=8,
-                                        help="Longest training sequence (eagle 320, standalone 256)."),
-    eval_tokens: int = typer.Option(8192, "--eval-tokens", min=8, help="standalone: held-out tokens."),
+    samples: Path | None = typer.Option(None, "--samples", help="eagle: folder of the target's samples "
+                                        "(default OUTPUT/samples; share one between runs)."),
+    sample_tokens: int | None = typer.Option(None, "--sample-tokens", min=1,
+                                             help="eagle: sampled tokens to store before training (default 5M)."),
+    rows: int | None = typer.Option(None, "--rows", min=1, help="eagle: sequences sampled side by side."),
+    hours: float | None = typer.Option(None, "--hours", min=0.0, help="Stop after this long with everything "
+                                       "checkpointed (sampling or training); rerun to go on."),
+    fused: bool | None = typer.Option(None, "--fused/--final-features", help="eagle: read a low, a middle and a "
+                                      "high target layer (EAGLE-3, default) or the final hidden state (EAGLE-1)."),
+    unroll: int | None = typer.Option(None, "--unroll", min=1, help="eagle: draft depths trained together."),
+    loss: str | None = typer.Option(None, "--loss", help="eagle: kl, tv (1 − acceptance) or kl+tv."),
+    vocab: int | None = typer.Option(None, "--vocab", min=16, help="Head rows kept (default: eagle by coverage)."),
+    steps: int | None = typer.Option(None, "--steps", min=1),
+    batch_tokens: int | None = typer.Option(None, "--batch-tokens", min=16, help="eagle: tokens per training step."),
+    learning_rate: float | None = typer.Option(None, "--learning-rate"),
+    seed: int | None = typer.Option(None, "--seed"),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", min=1),
+    layers: int | None = typer.Option(None, "--layers", min=1, help="standalone: decoder layers of the draft."),
+    batch: int | None = typer.Option(None, "--batch", min=1, help="standalone: sequences per step."),
+    sequence: int | None = typer.Option(None, "--sequence", min=8, help="Longest training sequence."),
+    eval_tokens: int | None = typer.Option(None, "--eval-tokens", min=8, help="standalone: held-out tokens."),
     train_tokens: int | None = typer.Option(None, "--train-tokens", help="standalone: corpus tokens to read."),
     resume: bool = typer.Option(True, help="Continue from the samples and checkpoint in --output."),
 ) -> None:
-    """Distil a draft from the target (resumable; exports the draft at every checkpoint)."""
+    """Distil a draft from the target: resumable (samples in shards, checkpoints), exports the best draft
+    so far at every checkpoint, reports held-out acceptance as it goes."""
     from rich.progress import Progress
 
-    from spectr.errors import SpectrError
+    from spectr.errors import InvalidInputError, SpectrError
 
     if kind not in ("eagle", "standalone"):
-        from spectr.errors import InvalidInputError
-
         _fail(InvalidInputError(f"--kind must be eagle or standalone, got {kind!r}"))
+    given = lambda **values: {name: value for name, value in values.items() if value is not None}  # noqa: E731
     source = None if target == "default" else target
     try:
         with Progress() as progress:
-            task = progress.add_task("train-draft", total=steps)
+            task = progress.add_task("train-draft", total=None)
 
             def report(stage, done, total):
                 progress.update(task, completed=done, total=total, description=stage)
 
             if kind == "eagle":
-                from spectr.training.eagle import EagleConfig, SampleRecipe, run_recipe
+                from spectr.training.eagle import LOSSES, EagleConfig, run_recipe
+                from spectr.training.samples import DataRecipe
 
-                config = EagleConfig(vocab=vocab, unroll=unroll, sequence=sequence or 320, batch_tokens=batch_tokens,
-                                     steps=steps, learning_rate=learning_rate, seed=seed,
-                                     checkpoint_every=checkpoint_every)
-                recipe = SampleRecipe(train_tokens=sample_tokens, heldout_tokens=heldout_tokens, batch=sample_batch)
-                final = run_recipe(source, output, config, recipe, resume=resume, progress=report,
-                                   log=progress.console.print)
+                if loss is not None and loss not in LOSSES:
+                    _fail(InvalidInputError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}"))
+                config = EagleConfig(**given(vocab=vocab, fused=fused, unroll=unroll, loss=loss, sequence=sequence,
+                                             batch_tokens=batch_tokens, steps=steps, learning_rate=learning_rate,
+                                             seed=seed, checkpoint_every=checkpoint_every))
+                data = DataRecipe(**given(tokens=sample_tokens, rows=rows, seed=seed))
+                final = run_recipe(source, output, config, data, samples=samples, resume=resume, hours=hours,
+                                   progress=report, log=progress.console.print)
+                if final is None:
+                    typer.echo(f"sampling goes on next time: rerun the same command (samples in "
+                               f"{samples or output / 'samples'})")
+                    return
                 summary = ", ".join(f"{label} {values[0]:.3f}" for label, values in final["acceptance"].items())
             else:
                 from spectr.training.distill import DistillConfig, train
 
-                config = DistillConfig(
-                    target=source, layers=layers, vocab=vocab, sequence=sequence or 256, batch=batch, steps=steps,
+                config = DistillConfig(target=source, **given(
+                    layers=layers, vocab=vocab, sequence=sequence, batch=batch, steps=steps,
                     learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
-                    eval_tokens=eval_tokens, train_tokens_limit=train_tokens,
-                )
+                    eval_tokens=eval_tokens, train_tokens_limit=train_tokens))
                 final = train(config, output, resume=resume, log=progress.console.print,
-                              progress=lambda step, loss: report(f"loss {loss:.3f}", step, steps))
+                              progress=lambda step, loss: report(f"loss {loss:.3f}", step, config.steps))
                 summary = f"T=1 {final['acceptance']:.3f}"
-    except SpectrError as error:
+    except (SpectrError, ValueError) as error:
         _fail(error)
     typer.echo(f"held-out acceptance (first draft token) {summary} after {final['tokens']} tokens; draft in {output}")
 
@@ -283,13 +293,15 @@ def study_rules(
 def study_drafts(
     draft: str = typer.Option("default", "--draft",
                               help="The trained draft folder to measure (default: the one shipped, if any)."),
-    other: list[Path] = typer.Option([], "--also", help="Other trained draft folders to measure alongside."),
+    other: list[Path] = typer.Option([], "--also", help="Other trained draft folders to measure alongside "
+                                     "(e.g. the previous draft)."),
+    samples: Path | None = typer.Option(None, "--samples", help="A training run's samples: measure on their "
+                                        "held-out split (default: a held-out set sampled once into .cache/)."),
     output: Path = typer.Option(Path("docs/drafts.md"), "--output", "-o"),
     quick: bool = typer.Option(False, help="A tiny grid, for a smoke test."),
 ) -> None:
-    """Acceptance, cost and block efficiency of the drafts for the default target; writes docs/drafts.md."""
-    import json
-
+    """Held-out acceptance per depth (T = 1, 0.7, greedy), block efficiency for k ∈ {1, 2, 4} × L ∈ {2, 4}
+    and cost of the drafts for the default target; writes docs/drafts.md and its plots."""
     from spectr.api import DEFAULT_DRAFT_NAME
     from spectr.studies import drafts
 
@@ -299,15 +311,19 @@ def study_drafts(
             _fail(f"no trained draft at {path}: make one with `spectr train-draft -o DIR`, then pass --draft DIR")
     names = {}
     for path in [folder, *other]:
-        manifest = json.loads((path / "draft.json").read_text())
-        names[f"{manifest.get('kind', 'standalone')} draft ({path.name})"] = str(path)
-    reports, setup = drafts.run(names, quick=quick, log=lambda message: typer.echo(message, err=True))
-    manifest = json.loads((folder / "draft.json").read_text())
-    command = "spectr study drafts" + "".join(f" --also {p}" for p in other) + (" --quick" if quick else "")
-    text = drafts.render(reports, setup, manifest, command)
+        label = "shipped draft" if path == folder and draft == "default" else f"draft {path.name}"
+        names[label] = path
+    reports, setup = drafts.run(names, samples=samples, quick=quick,
+                                log=lambda message: typer.echo(message, err=True))
+    command = ("spectr study drafts" + "".join(f" --also {p.name}" for p in other)
+               + (" --samples DIR" if samples else "") + (" --quick" if quick else ""))
+    text = drafts.render(reports, setup, command)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
-    drafts.plot_learning_curve(manifest, output.with_suffix(".png"))
+    drafts.plot(reports, setup, output.with_name(output.stem + "-depths.png"))
+    manifest = reports[0].manifest
+    if manifest and len([h for h in manifest.get("history", []) if h.get("acceptance")]) > 1:
+        drafts.plot_learning_curve(manifest, output.with_suffix(".png"))
     typer.echo(text)
 
 
@@ -340,6 +356,8 @@ def bench(
     grid_length: str = typer.Option("2,4,6", "--L", help="Draft lengths to try."),
     peers: bool = typer.Option(True, help="Also run transformers and llama.cpp."),
     seed: int = typer.Option(0, "--seed"),
+    compare: list[str] = typer.Option([], "--compare-draft", help="Another draft (e.g. the previous trained "
+                                      "draft's folder) run through the same grid, side by side (repeatable)."),
 ) -> None:
     """Run spectr's methods and the peers side by side on the prompt suites; write results and plots."""
     if context.invoked_subcommand is not None:
@@ -353,18 +371,26 @@ def bench(
 
     if quick:
         config = runner.BenchConfig(suites=("code", "chat"), prompts_per_suite=2, temperatures=(0.0, 1.0),
-                                    max_new_tokens=64, grid_k=(1, 2, 4), grid_length=(4,), peers=peers, seed=seed)
+                                    max_new_tokens=64, grid_k=(1, 2, 4), grid_length=(4,), peers=peers, seed=seed,
+                                    compared_drafts=tuple(Path(c).name for c in compare))
         output = output / "quick" if output == Path("bench/results") else output
     else:
         config = runner.BenchConfig(suites=tuple(s.strip() for s in suites.split(",")), prompts_per_suite=prompts,
                                     temperatures=_numbers(temperatures, float, '--temperatures'), max_new_tokens=tokens, grid_k=_numbers(grid_k, int, '--k'),
-                                    grid_length=_numbers(grid_length, int, '--L'), peers=peers, seed=seed)
+                                    grid_length=_numbers(grid_length, int, '--L'), peers=peers, seed=seed,
+                                    compared_drafts=tuple(Path(c).name for c in compare))
         docs = docs if docs is not None else Path("docs/RESULTS.md")
     try:
         engine = _engine(target, draft, precision)
+        from spectr.api import Engine, _load_draft
+        from spectr.precisions import DEFAULT_DRAFT_PRECISION
+
+        compared = {Path(c).name: Engine(target=engine.target, draft=_load_draft(c, engine.target,
+                                                                                DEFAULT_DRAFT_PRECISION))
+                    for c in compare}
         with Progress() as progress:
             task = progress.add_task("bench", total=None)
-            result = runner.run_bench(engine, config, cache_dir=output / "cache",
+            result = runner.run_bench(engine, config, cache_dir=output / "cache", compared=compared,
                                       progress=lambda done, total, what: progress.update(
                                           task, completed=done, total=total, description=what))
             progress.update(task, description="rules vs α*")

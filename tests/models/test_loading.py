@@ -17,16 +17,17 @@ from tests.models.tiny import VOCAB, tiny_model
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2 {% endif %}"
 
 
-def save_tiny_model(folder, kind: str = "llama-gqa", vocab_shift: int = 0, chat: bool = False):
-    """A tiny model folder with a word-level tokenizer of VOCAB tokens (and a chat template if `chat`)."""
+def save_tiny_model(folder, kind: str = "llama-gqa", vocab_shift: int = 0, chat: bool | str = False, **overrides):
+    """A tiny model folder with a word-level tokenizer of VOCAB tokens (and a chat template if `chat`:
+    True for CHAT_TEMPLATE, or the template itself); overrides go to the model's config."""
     words = {f"w{i + vocab_shift}": i for i in range(VOCAB)}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="w0"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     backend.decoder = tokenizers.decoders.WordPiece(prefix="##")  # words come back joined by spaces
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w1")
     if chat:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    tiny_model(kind).save_pretrained(folder)
+        tokenizer.chat_template = CHAT_TEMPLATE if chat is True else chat
+    tiny_model(kind, **overrides).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -21,14 +21,15 @@ def _rows(result: dict, suite: str, temperature: float) -> list[dict]:
     return [r for r in result["summary"] if r["suite"] == suite and r["temperature"] == temperature]
 
 
-def best_spectr(result: dict, temperature: float, suite: str = "all") -> dict | None:
-    """The fastest K-SEQ (k, L) of the grid at this temperature."""
-    rows = [r for r in _rows(result, suite, temperature) if r["rule"] == "kseq" and r["kind"] == "spectr"]
+def best_spectr(result: dict, temperature: float, suite: str = "all", draft: str = "") -> dict | None:
+    """The fastest K-SEQ (k, L) of the grid at this temperature (with the bench's draft, or a compared one)."""
+    rows = [r for r in _rows(result, suite, temperature)
+            if r["rule"] == "kseq" and r["kind"] == "spectr" and r.get("draft", "") == draft]
     return max(rows, key=lambda r: r["tokens_per_second"], default=None)
 
 
-def best_sd(result: dict, temperature: float, suite: str = "all") -> dict | None:
-    rows = [r for r in _rows(result, suite, temperature) if r["kind"] == "sd"]
+def best_sd(result: dict, temperature: float, suite: str = "all", draft: str = "") -> dict | None:
+    rows = [r for r in _rows(result, suite, temperature) if r["kind"] == "sd" and r.get("draft", "") == draft]
     return max(rows, key=lambda r: r["tokens_per_second"], default=None)
 
 
@@ -41,9 +42,10 @@ def headline_table(result: dict) -> str:
         for name in ("spectr ar",):
             if name in rows:
                 picked.append(rows[name])
-        for row in (best_sd(result, temperature), best_spectr(result, temperature)):
-            if row is not None:
-                picked.append(row)
+        for draft in ("", *result["config"].get("compared_drafts", ())):
+            for row in (best_sd(result, temperature, draft=draft), best_spectr(result, temperature, draft=draft)):
+                if row is not None:
+                    picked.append(row)
         picked += [r for r in rows.values() if r["family"] != "spectr"]
         for r in picked:
             label = r["method"] + (" (best of grid)" if r["kind"] in ("sd", "spectr") and r["rule"] in

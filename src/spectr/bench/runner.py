@@ -29,7 +29,7 @@ import torch
 from spectr.bench.suites import Prompt, load_suite
 from spectr.checks import machine
 from spectr.decoding import Decoder, DecodeSettings
-from spectr.drafters.base import root_distributions
+from spectr.drafters.base import capture_for, root_distributions, target_features
 from spectr.processing import SamplingParams
 
 
@@ -41,6 +41,7 @@ class Method:
     rule: str | None = None
     k: int = 1
     length: int = 1
+    draft: str = ""  # spectr: "" for the bench's draft, else the label of a draft compared alongside
 
 
 @dataclass
@@ -70,15 +71,19 @@ class BenchConfig:
     rules_at: tuple[int, int] = (4, 4)  # (k, L) where the other rules are compared with K-SEQ
     peers: bool = True
     seed: int = 0
+    compared_drafts: tuple[str, ...] = ()  # labels of other drafts run through the same grid (`run_bench`)
 
 
 def spectr_methods(config: BenchConfig) -> list[Method]:
     methods = [Method("spectr ar", "spectr", "ar")]
     for length in config.grid_length:
-        methods.append(Method(f"spectr sd L={length}", "spectr", "sd", "standard", 1, length))
-        for k in config.grid_k:
-            if k > 1:
-                methods.append(Method(f"spectr kseq k={k} L={length}", "spectr", "spectr", "kseq", k, length))
+        for draft in ("", *config.compared_drafts):
+            tag = f" [{draft}]" if draft else ""
+            methods.append(Method(f"spectr sd L={length}{tag}", "spectr", "sd", "standard", 1, length, draft))
+            for k in config.grid_k:
+                if k > 1:
+                    methods.append(Method(f"spectr kseq k={k} L={length}{tag}", "spectr", "spectr", "kseq", k,
+                                          length, draft))
     k, length = config.rules_at
     for rule in ("specinfer", "rsd"):
         methods.append(Method(f"spectr {rule} k={k} L={length}", "spectr", "spectr", rule, k, length))
@@ -218,8 +223,13 @@ def encode(engine, prompt: Prompt) -> list[int]:
 
 
 def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method] | None = None,
-              progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """Run every method on every prompt of every suite at every temperature; the raw results as a dict."""
+              progress: Callable[[int, int, str], None] | None = None, compared: dict | None = None) -> dict:
+    """Run every method on every prompt of every suite at every temperature; the raw results as a dict.
+    compared: label -> Engine (same target, another draft) for config.compared_drafts."""
+    engines = {"": engine, **(compared or {})}
+    missing = [label for label in config.compared_drafts if label not in engines]
+    if missing:
+        raise ValueError(f"no engine given for the compared drafts {missing}")
     methods = methods if methods is not None else spectr_methods(config) + (peer_methods(config) if config.peers else [])
     peers = Peers(engine, cache_dir)
     skipped = []
@@ -241,7 +251,8 @@ def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method
             for method in runnable[shift:] + runnable[:shift]:  # rotate the order, prompt by prompt
                 seed = config.seed + index
                 if method.family == "spectr":
-                    record = run_spectr(engine, method, ids, temperature, config.max_new_tokens, seed)
+                    record = run_spectr(engines[method.draft], method, ids, temperature, config.max_new_tokens,
+                                        seed)
                 else:
                     record = peers.run(method, ids, temperature, config.max_new_tokens, seed)
                 record.suite, record.prompt = prompt.suite, prompt.name
@@ -254,6 +265,7 @@ def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method
         "machine": {"platform": platform.platform(), "processor": machine().describe(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "engine": engine.describe(paths=False),
+        "compared_drafts": {label: e.describe(paths=False) for label, e in (compared or {}).items()},
         "skipped": skipped,
         "records": [asdict(r) for r in records],
         "summary": summarize(records, runnable),
@@ -285,7 +297,8 @@ def summarize(records: list[Record], methods: list[Method]) -> list[dict]:
         if split:
             split["other"] = max(0.0, 1 - sum(split.values()))
         rows.append({
-            "method": name, "family": method.family, "kind": method.kind, "rule": method.rule, "k": method.k,
+            "method": name, "family": method.family, "kind": method.kind, "rule": method.rule, "draft": method.draft,
+            "k": method.k,
             "L": method.length, "suite": suite, "temperature": temperature, "new_tokens": tokens,
             "seconds": seconds, "tokens_per_second": tokens / seconds,
             "speedup_vs_ar": speed[(name, suite, temperature)] / ar if ar else None,
@@ -321,10 +334,14 @@ def rules_vs_optimal(engine, prompts: list[Prompt], temperatures: tuple[float, .
     for index, prompt in enumerate(prompts):
         ids = encode(engine, prompt)
         sample = ids + sample_continuation(engine, ids, tokens, seed + index)
-        out = lm.forward(torch.tensor([sample]), torch.arange(len(sample)), lm.new_cache(len(sample)))
+        drafter = engine.drafter()
+        capture = capture_for(drafter)
+        out = lm.forward(torch.tensor([sample]), torch.arange(len(sample)), lm.new_cache(len(sample)),
+                         **({"capture": capture} if capture else {}))
         for temperature in pairs:
             params = SamplingParams(temperature=temperature)
-            for position, q in root_distributions(engine.drafter(), sample, len(ids) - 1, out.hidden[0], params):
+            for position, q in root_distributions(drafter, sample, len(ids) - 1, target_features(drafter, out),
+                                                  params):
                 if q is None:
                     return {}  # a deterministic draft: nothing to couple
                 p = torch.softmax(out.logits[0, position].double() / temperature, -1)

@@ -10,7 +10,8 @@ from spectr.tree import DraftTree
 
 class Drafter(Protocol):
     """A drafter may also set `uses_target_features = True` and define `observe(features)`: the decoder
-    then hands it the target's final-norm hidden states of every token the target has run."""
+    then hands it the target's features of every token the target has run — final-norm hidden states,
+    or, where the drafter names `feature_layers`, those layers' outputs (`target_features`)."""
 
     name: str
 
@@ -26,10 +27,23 @@ class Drafter(Protocol):
         """The walk accepted these nodes of the last tree: keep only them (and the text before)."""
 
 
+def capture_for(drafter) -> tuple[int, ...]:
+    """The target layers a drafter reads (pass as forward(capture=...)); () for none or the final state."""
+    if not getattr(drafter, "uses_target_features", False):
+        return ()
+    return tuple(getattr(drafter, "feature_layers", ()))
+
+
+def target_features(drafter, out) -> torch.Tensor:
+    """What `drafter.observe` takes from a target ForwardOutput of one sequence, for every new token."""
+    return out.layers[0] if capture_for(drafter) else out.hidden[0]
+
+
 def root_distributions(drafter, text: list[int], first: int, target_hidden: torch.Tensor, params: SamplingParams):
     """Yield (position, q) for every position in first..len(text)-2: the drafter's distribution of
     the token after `text[:position + 1]`, fed exactly as the decoder feeds it when every draft is
-    rejected (a measurement helper; target_hidden [len(text), D] from one target pass over text).
+    rejected (a measurement helper; target_hidden: `target_features(drafter, out)` of one target pass
+    over text, capture=capture_for(drafter)).
     q is None for a drafter without a distribution (n-gram lookups)."""
     feeds = getattr(drafter, "uses_target_features", False)
     drafter.reset(len(text) + 8)

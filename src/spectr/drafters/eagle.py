@@ -1,7 +1,8 @@
 """Drafting with an EAGLE-style head (trained by `spectr train-draft`, see training/eagle.py).
 
-The head's entry at position j reads (h_{j-1}, x_j): the target's feature after
-the previous token and the token itself. Entries of committed text read the
+The head's entry at position j reads (g_{j-1}, x_j): the target's feature after
+the previous token (its final hidden state, or a fusion of a low, a middle and
+a high layer for an EAGLE-3-style head) and the token itself. Entries of committed text read the
 target's true features, which the decoder hands over after every verification
 (`observe`); entries of draft tokens read the head's own output at the parent
 node. Only true-feature entries stay in the head's cache between steps, so
@@ -27,6 +28,9 @@ class EagleDrafter:
 
     def __init__(self, lm):
         self.lm = lm
+        # A fused-feature head reads these target layers (their residual streams), fused by the head
+        # itself; an EAGLE-1 head reads the target's final-norm hidden state.
+        self.feature_layers = tuple(getattr(lm, "feature_layers", ()))
         self.cache = None
         self.features = None  # [capacity, D] the target's features h_0, h_1, ... of the text
         self.known = 0  # features received
@@ -38,7 +42,10 @@ class EagleDrafter:
         self.known = self.entries = 0
 
     def observe(self, features: torch.Tensor) -> None:
-        """The target's final-norm hidden states of the next text positions, in order. [n, D]"""
+        """The target's features of the next text positions, in order: final-norm hidden states [n, D],
+        or for a fused-feature head the residual streams of `feature_layers` [n, len(feature_layers), D]."""
+        if self.feature_layers:
+            features = self.lm.fuse_features(features)
         self.features[self.known : self.known + features.shape[0]] = features.to(self.features.dtype)
         self.known += features.shape[0]
 

@@ -48,8 +48,13 @@ def target_identity(target) -> dict:
     digest = hashlib.sha256()
     for name in borrowed:
         digest.update(weight(name).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return {"model_type": config.model_type, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "num_layers": config.num_hidden_layers, "weights_sha256": digest.hexdigest()}
+    identity = {"model_type": config.model_type, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+                "num_layers": config.num_hidden_layers, "weights_sha256": digest.hexdigest()}
+    tokenizer = getattr(target, "tokenizer", None)
+    if tokenizer is not None:  # same weights under another tokenizer would draft other strings
+        vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+        identity["tokenizer_sha256"] = hashlib.sha256(vocabulary.encode()).hexdigest()
+    return identity
 
 
 def is_trained_draft(path: str | Path) -> bool:
@@ -64,15 +69,20 @@ def load_trained_draft(path: str | Path, target, precision: str = "bf16") -> Lla
     if not is_trained_draft(path):
         raise ModelNotFoundError(f"{path} is not a trained draft (it needs {WEIGHTS} and {MANIFEST})")
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") not in ("spectr-draft-1", "spectr-eagle-1"):
+    if manifest.get("format") not in ("spectr-draft-1", "spectr-eagle-1", "spectr-eagle-2"):
         raise UnsupportedModelError(f"{path / MANIFEST} has an unknown format {manifest.get('format')!r}")
     recorded, actual = manifest.get("target"), target_identity(target)
     if recorded is None:
         raise UnsupportedModelError(f"the draft at {path} does not record which target it was trained for; "
                                     "re-export it with this version of spectr")
-    if recorded != actual:
-        differ = ", ".join(f"{key} {recorded.get(key)!r} (this target: {value!r})"
-                           for key, value in actual.items() if recorded.get(key) != value)
+    # A fingerprint one side lacks (a draft recorded before tokenizers were, or a target given without
+    # its tokenizer) is not compared; everything both record must agree.
+    differ = ", ".join(f"{key} {recorded[key]!r} (this target: {value!r})"
+                       for key, value in actual.items() if key in recorded and recorded[key] != value)
+    missing = [key for key in ("model_type", "vocab_size", "weights_sha256") if key not in recorded]
+    if missing:
+        raise UnsupportedModelError(f"the draft at {path} does not record {', '.join(missing)} of its target")
+    if differ:
         raise UnsupportedModelError(f"the draft at {path} was trained for another target: {differ}")
     hf_config, weight = _config_and_weights(target)
     tensors = load_file(str(path / WEIGHTS))
@@ -82,5 +92,10 @@ def load_trained_draft(path: str | Path, target, precision: str = "bf16") -> Lla
     if not hf_config.tie_word_embeddings:
         state["lm_head.weight"] = weight("lm_head.weight")
     config = replace(ModelConfig.from_transformers(hf_config), num_layers=int(manifest["layers"]))
-    return LlamaForward(config, state, rotary_tables(hf_config, config.context_length), precision,
-                        vocab_subset=kept)
+    draft = LlamaForward(config, state, rotary_tables(hf_config, config.context_length), precision,
+                         vocab_subset=kept)
+    # A fused-feature head reads these layers of the target (the decoder asks the target for them).
+    draft.feature_layers = tuple(manifest.get("feature_layers") or ())
+    if bool(draft.feature_layers) != (draft.fusion is not None):
+        raise UnsupportedModelError(f"{path}: the manifest's feature_layers and the weights disagree")
+    return draft

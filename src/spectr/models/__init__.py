@@ -4,7 +4,8 @@ from spectr.models.base import Forward, ForwardOutput, build_forward, native_mod
 from spectr.models.cache import KVCache
 from spectr.models.config import ModelConfig
 from spectr.models.llama import LlamaForward, causal_mask
-from spectr.models.loading import LoadedModel, check_same_tokenizer, load_model, native_forward, resolve_source
+from spectr.models.loading import (LoadedModel, check_same_tokenizer, load_model, native_forward, resolve_source,
+                                   stop_token_ids)
 from spectr.models.reference import TransformersForward
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "native_model_types",
     "register_forward",
     "resolve_source",
+    "stop_token_ids",
 ]

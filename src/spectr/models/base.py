@@ -22,6 +22,9 @@ from spectr.errors import UnsupportedModelError
 class ForwardOutput:
     logits: Tensor  # [B, T', V] float32 (T' = len(logit_indices) when given)
     hidden: Tensor  # [B, T, D] final-norm hidden state of every new token (the LM head's input)
+    # [B, T, n, D] the residual stream after each layer named in forward(capture=...) (a fused-feature
+    # draft head reads a low, a middle and a high layer of the target); None when none was asked for.
+    layers: Tensor | None = None
 
 
 class ForwardConfig(Protocol):

@@ -95,6 +95,7 @@ class LlamaForward:
     """forward(tokens, positions, cache, attention_mask) -> logits, over weights in one precision mode."""
 
     backend = "spectr"
+    captures_layers = True  # forward(capture=...) returns chosen layers' outputs
 
     def __init__(
         self,
@@ -148,6 +149,10 @@ class LlamaForward:
         self.feature_projection = None if fc is None else make_linear(fc, state.get("model.fc.bias"), precision)
         self.input_norms = [state[f"model.{name}_norm.weight"].to(self.dtype) if f"model.{name}_norm.weight" in state
                             else None for name in ("feature", "embedding")]
+        # A fused-feature (EAGLE-3-style) head makes its feature from several target layers: `fuse_features`.
+        fuse = state.get("model.fuse.weight")
+        self.fusion = None if fuse is None else make_linear(fuse, None, precision)
+        self.layer_norms = None if fuse is None else state["model.layer_norms.weight"].to(self.dtype)  # [n, D]
         self.qkv_sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
         # Few new tokens attend through spectr's row-invariant kernel where it is built (float32 caches).
         self.kernel_attention = kernels.available() and self.dtype == torch.float32 and c.head_dim % 8 == 0
@@ -164,6 +169,16 @@ class LlamaForward:
         if isinstance(self.embedding, BlockQuantized):
             return self.embedding.rows(tokens.reshape(-1)).dequantize().view(*tokens.shape, -1)
         return self.embedding[tokens]
+
+    @torch.inference_mode()
+    def fuse_features(self, layers: Tensor) -> Tensor:
+        """A fused-feature head's feature from the target's layers [..., n, D] -> [..., D]."""
+        if self.fusion is None:
+            raise InvalidInputError("this model does not fuse target layers into features")
+        if layers.shape[-2:] != self.layer_norms.shape:
+            raise InvalidInputError(f"the fusion reads {tuple(self.layer_norms.shape)} layers, got {tuple(layers.shape)}")
+        normed = _rms_norm(layers.to(self.dtype), self.layer_norms, self.config.rms_norm_eps)
+        return self.fusion(normed.flatten(-2))
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
         """An empty cache for `batch` sequences of up to `capacity` tokens (default: the context length)."""
@@ -206,6 +221,7 @@ class LlamaForward:
         attention_mask: Tensor | None = None,
         logit_indices: Tensor | None = None,
         features: Tensor | None = None,
+        capture: tuple[int, ...] = (),
     ) -> ForwardOutput:
         """Run tokens [B, T] at positions [B, T] (or [T]) over `cache`, writing their keys and values.
 
@@ -213,11 +229,15 @@ class LlamaForward:
         (S = cache.length + T); default causal. logit_indices: which of the T
         tokens need logits (all by default; the LM head is a large share of the cost).
         features: [B, T, D], only for a draft head that reads the target's features.
+        capture: layers whose output (the residual stream after them) to return as `layers`.
         """
         batch, num_new = tokens.shape if tokens.ndim == 2 else (0, 0)
         positions = positions.expand(batch, -1) if positions.ndim == 1 else positions
         mask = causal_mask(cache.length, num_new) if attention_mask is None else attention_mask
         self._check(tokens, positions, cache, mask)
+        if any(not 0 <= i < self.config.num_layers for i in capture):
+            raise InvalidInputError(f"capture names layers {capture}; this model has {self.config.num_layers}")
+        captured = {}
         start = cache.reserve(num_new)
         c = self.config
         mask = mask.expand(batch, -1, -1)  # [B, T, S]
@@ -244,6 +264,8 @@ class LlamaForward:
         for index, layer in enumerate(self.layers):
             if fused:
                 layer.fused(x, cos, sin, cache.keys[index], cache.values[index], start, mask)
+                if index in capture:
+                    captured[index] = x.clone()  # the kernel updates x in place
                 continue
             q, k, v = layer.qkv(_rms_norm(x, layer.attention_norm, c.rms_norm_eps)).split(self.qkv_sizes, -1)
             if on_kernel:
@@ -255,6 +277,8 @@ class LlamaForward:
                 x = x + layer.output(attended.view(batch, num_new, -1))
                 gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
                 x = x + layer.down(F.silu(gate) * up)
+                if index in capture:
+                    captured[index] = x
                 continue
             q = _rotate(q.view(batch, num_new, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
             k = _rotate(k.view(batch, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
@@ -264,10 +288,13 @@ class LlamaForward:
             x = x + layer.output(attended.transpose(1, 2).reshape(batch, num_new, -1))
             gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
+            if index in capture:
+                captured[index] = x
         cache.length = start + num_new
         hidden = _rms_norm(x, self.norm, c.rms_norm_eps)
+        layers = torch.stack([captured[i] for i in capture], 2) if capture else None
         return ForwardOutput(logits=self.logits(hidden if logit_indices is None else hidden[:, logit_indices]),
-                             hidden=hidden)
+                             hidden=hidden, layers=layers)
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:

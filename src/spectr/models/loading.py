@@ -154,6 +154,12 @@ def load_model(source: str | Path | None = None, precision: str = DEFAULT_PRECIS
                        weight=lambda name: state[name].detach().float(), transformers_model=hf_model)
 
 
+def stop_token_ids(tokenizer) -> frozenset[int]:
+    """The tokens that end a generation: the tokenizer's end-of-sequence token(s)."""
+    eos = tokenizer.eos_token_id
+    return frozenset([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+
+
 def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
     """Raise TokenizerMismatchError unless both tokenizers map the same strings to the same ids."""
     if len(target_tokenizer) != len(draft_tokenizer):

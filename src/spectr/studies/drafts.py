@@ -1,17 +1,24 @@
-"""How good the drafts are for the default target: acceptance, block efficiency, cost.
+"""How good the drafts are for the default target, on text no draft was trained on.
 
-    spectr study drafts            # writes docs/drafts.md (+ the training curves next to it)
+    spectr study drafts --also OLD_DRAFT     # writes docs/drafts.md and its plots
 
-Acceptance is measured on held-out chat: answers the target samples itself
-(T = 1) to the hand-written chat prompts of the bench (never produced by the
-training templates). Per-token acceptance of one draft (k = 1, first draft
-token) at temperature T is Σ_x min(p_T(x), q_T(x)) along those answers
-(greedy: whether the argmaxes agree), with q taken from the drafter itself
-(so an EAGLE-style head reads the target's features exactly as when decoding).
-Block efficiency is measured by running the decoder, at T = 1 and T = 0.
+The held-out split: the target's own answers to prompts whose hash puts them
+in the held-out split (`training/samples.py`, `held_out_only`), written and
+answered by the same recipe the training data comes from (Magpie prompts,
+template instructions, raw-text continuations) — or the held-out sequences
+of a training run's samples (`--samples`). For each draft:
+  - acceptance per depth: the head unrolled along the held-out text, depth r
+    reading its own depth r−1 outputs (as when drafting), mean Σ min(p, q) at
+    T = 1 and 0.7, and argmax agreement (greedy);
+  - depth-1 acceptance as deployed: q straight from the drafter (its
+    precision and kernels) on the bench's chat answers;
+  - block efficiency of the decoder (tokens per target pass) on held-out
+    chat prompts for (k, L) ∈ {1, 2, 4} × {2, 4} at T = 1 and T = 0;
+  - the cost of one draft depth relative to one target step.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import json
 import statistics
 import time
 from pathlib import Path
@@ -21,18 +28,74 @@ import torch
 import spectr
 from spectr.bench.runner import sample_continuation
 from spectr.bench.suites import CHAT_PROMPTS
-from spectr.drafters.base import root_distributions
+from spectr.api import _load_draft
+from spectr.drafters.base import capture_for, root_distributions, target_features
+from spectr.precisions import DEFAULT_DRAFT_PRECISION
 from spectr.processing import SamplingParams, logits_to_probs
 
-TEMPERATURES = {"T = 1": 1.0, "T = 0.7": 0.7, "greedy": 0.0}
+TEMPERATURES = {"T=1": 1.0, "T=0.7": 0.7, "greedy": 0.0}
+KS, LENGTHS = (1, 2, 4), (2, 4)
 
 
 @dataclass
 class DraftReport:
     name: str
-    acceptance: dict[str, float]  # temperature label -> mean per-token acceptance (k = 1, first draft token)
-    block_efficiency: dict[float, dict[tuple[int, int], float]]  # temperature -> (k, L) -> tokens per target pass
-    step_cost: float | None  # one draft forward / one target forward (1 token, same context)
+    depth_acceptance: dict[str, list[float]] = field(default_factory=dict)  # label -> per depth (held-out)
+    deployed_acceptance: dict[str, float] = field(default_factory=dict)  # label -> depth 1, as drafted
+    block_efficiency: dict[float, dict[tuple[int, int], float]] = field(default_factory=dict)  # T -> (k, L) -> BE
+    step_cost: float | None = None  # one draft depth / one target forward (1 token, same context)
+    manifest: dict | None = None
+
+
+def held_out_set(target, samples: Path | None, cache: Path, tokens: int, log=print):
+    """Held-out sequences: those of `samples` if given, else a held-out-only set made (once) under `cache`."""
+    from spectr.models.loading import stop_token_ids
+    from spectr.training.samples import DataRecipe, generate_dataset, load_sequences
+
+    if samples is not None:
+        sequences = load_sequences(samples, held_out=True, limit_tokens=tokens)
+        if not sequences:
+            raise ValueError(f"{samples} holds no held-out sequences")
+        return sequences
+    recipe = DataRecipe(tokens=tokens, rows=32, chunk_steps=768, held_out_only=True, seed=12345)
+    log(f"sampling a held-out set of {tokens} tokens from the target into {cache} (once) ...")
+    generate_dataset(target.lm, target.tokenizer, cache, recipe, stop_token_ids(target.tokenizer), log=log)
+    return load_sequences(cache, held_out=True)
+
+
+def load_head(folder: Path, target):
+    """The trained head at `folder` as the training module's EagleHead (float32 of its shipped weights), its
+    kept tokens and the target layers it reads."""
+    from safetensors.torch import load_file
+
+    from spectr.models.llama import rotary_tables
+    from spectr.training.eagle import EagleHead
+
+    manifest = json.loads((folder / "draft.json").read_text())
+    layers = tuple(manifest.get("feature_layers") or ())
+    head = EagleHead(target.hf_config, rotary_tables(target.hf_config, target.hf_config.max_position_embeddings),
+                     fused_layers=len(layers))
+    tensors = load_file(str(folder / "draft.safetensors"))
+    kept = tensors.pop("kept_tokens").long()
+    names = {exported: own for own, exported in _export_names(head).items()}
+    head.load_state_dict({names[name]: tensor.float() for name, tensor in tensors.items()})
+    return head.eval(), kept, layers, manifest
+
+
+def _export_names(head) -> dict[str, str]:
+    """The head's parameter name -> the name it is exported under (export_state shares the storage)."""
+    exported = {tensor.data_ptr(): name for name, tensor in head.export_state().items()}
+    return {own: exported[parameter.data_ptr()] for own, parameter in head.named_parameters()}
+
+
+def depth_acceptance(folder: Path, target, sequences, depths: int) -> dict[str, list[float]]:
+    from spectr.training.eagle import EagleConfig, evaluate
+
+    head, kept, layers, _ = load_head(folder, target)
+    embedding = target.weight("model.embed_tokens.weight")
+    head_rows = embedding if target.hf_config.tie_word_embeddings else target.weight("lm_head.weight")
+    config = EagleConfig(fused=bool(layers), unroll=depths, sequence=512, temperatures=tuple(TEMPERATURES.values()))
+    return evaluate(head, sequences, embedding, head_rows, kept, config, depths=depths)
 
 
 def sample_answers(engine: spectr.Engine, count: int, tokens: int, seed: int) -> list[tuple[int, list[int]]]:
@@ -44,14 +107,16 @@ def sample_answers(engine: spectr.Engine, count: int, tokens: int, seed: int) ->
     return sequences
 
 
-def acceptance(engine: spectr.Engine, sequences, temperature: float) -> float:
+def deployed_acceptance(engine: spectr.Engine, sequences, temperature: float) -> float:
     """Mean first-draft-token acceptance along the answers, q straight from the drafter."""
     params = SamplingParams(temperature=temperature)
     lm = engine.target.lm
     values = []
+    drafter = engine.drafter()
     for prompt_length, ids in sequences:
-        out = lm.forward(torch.tensor([ids]), torch.arange(len(ids)), lm.new_cache(len(ids)))
-        for position, q in root_distributions(engine.drafter(), ids, prompt_length - 1, out.hidden[0], params):
+        out = lm.forward(torch.tensor([ids]), torch.arange(len(ids)), lm.new_cache(len(ids)),
+                         **({"capture": capture_for(drafter)} if capture_for(drafter) else {}))
+        for position, q in root_distributions(drafter, ids, prompt_length - 1, target_features(drafter, out), params):
             p = logits_to_probs(out.logits[0, position : position + 1], params)[0]
             values.append(float(p.argmax() == q.argmax()) if temperature == 0 else float(torch.minimum(p, q).sum()))
     return statistics.fmean(values)
@@ -75,13 +140,13 @@ def step_cost(engine: spectr.Engine, context: int = 200, repeats: int = 20) -> f
     return best(draft, getattr(draft, "feature_projection", None) is not None) / best(engine.target.lm, False)
 
 
-def block_efficiency(engine, ks, lengths, prompts: int, tokens: int, temperature: float) -> dict:
+def block_efficiency(engine, prompts: list[list[int]], tokens: int, temperature: float) -> dict:
     table = {}
-    for k in ks:
-        for length in lengths:
+    for k in KS:
+        for length in LENGTHS:
             emitted, passes = 0, 0
-            for index, prompt in enumerate(CHAT_PROMPTS[:prompts]):
-                result = spectr.generate(engine, prompt, chat=True, method="sd" if k == 1 else "spectr", k=k, L=length,
+            for index, ids in enumerate(prompts):
+                result = spectr.generate(engine, ids, method="sd" if k == 1 else "spectr", k=k, L=length,
                                          temperature=temperature, max_new_tokens=tokens, seed=index)
                 emitted += result.stats.new_tokens
                 passes += result.stats.steps
@@ -89,110 +154,120 @@ def block_efficiency(engine, ks, lengths, prompts: int, tokens: int, temperature
     return table
 
 
-def run(drafts: dict[str, str], quick: bool = False, log=print) -> tuple[list[DraftReport], dict]:
-    """Measure each named draft (name -> `--draft` value), then n-gram lookups, on the same answers."""
-    ks, lengths = ((1, 2), (2, 4)) if quick else ((1, 2, 4, 8), (2, 4, 6, 8))
-    prompts, tokens = (2, 24) if quick else (4, 64)
-    temperatures = (1.0,) if quick else (1.0, 0.0)
-    reports = []
+def run(drafts: dict[str, Path], samples: Path | None = None, quick: bool = False,
+        cache: Path = Path(".cache/heldout"), log=print) -> tuple[list[DraftReport], dict]:
+    """Measure each named trained draft (name -> folder) and n-gram lookups on the same held-out text."""
     base = spectr.load(draft="ngram")
-    sequences = sample_answers(base, 2 if quick else len(CHAT_PROMPTS), 32 if quick else 96, seed=100)
-    log(f"{sum(len(ids) - n for n, ids in sequences)} answer tokens sampled from the target")
-    for name, draft in list(drafts.items()) + [("n-gram lookup", "ngram")]:
-        engine = spectr.Engine(target=base.target, draft=spectr.api._load_draft(draft, base.target, "bf16"))
-        model_draft = engine.draft is not None
-        reports.append(DraftReport(
-            name=name,
-            acceptance={label: acceptance(engine, sequences, t) for label, t in TEMPERATURES.items()}
-            if model_draft else {},
-            block_efficiency={t: block_efficiency(engine, ks, lengths, prompts, tokens, t) for t in temperatures},
-            step_cost=step_cost(engine) if model_draft else None,
-        ))
+    target = base.target
+    sequences = held_out_set(target, samples, cache, 4_000 if quick else 24_000, log=log)
+    depths = 2 if quick else max(LENGTHS)
+    chat = [s for s in sequences if s.source != "text"]
+    prompts = [s.tokens[: s.prompt_length].tolist() for s in chat[: 2 if quick else 6]]
+    tokens = 24 if quick else 64
+    temperatures = (1.0,) if quick else (1.0, 0.0)
+    answers = sample_answers(base, 2 if quick else len(CHAT_PROMPTS), 32 if quick else 96, seed=100)
+    log(f"held-out set: {len(sequences)} sequences, {sum(s.tokens.numel() - s.prompt_length for s in sequences)} "
+        f"sampled tokens; {len(prompts)} held-out chat prompts for block efficiency")
+    reports = []
+    for name, folder in list(drafts.items()) + [("n-gram lookup", None)]:
+        engine = spectr.Engine(target=target, draft=None if folder is None else _load_draft(
+            folder, target, DEFAULT_DRAFT_PRECISION))
+        report = DraftReport(name=name)
+        if folder is not None:
+            report.manifest = json.loads((Path(folder) / "draft.json").read_text())
+            report.depth_acceptance = depth_acceptance(Path(folder), target, sequences, depths)
+            report.deployed_acceptance = {label: deployed_acceptance(engine, answers, t)
+                                          for label, t in TEMPERATURES.items()}
+            report.step_cost = step_cost(engine)
+        report.block_efficiency = {t: block_efficiency(engine, prompts, tokens, t) for t in temperatures}
+        reports.append(report)
         log(f"{name} measured")
-    return reports, {"ks": ks, "lengths": lengths, "prompts": prompts, "tokens": tokens,
-                     "answers": len(sequences), "answer_tokens": sum(len(ids) - n for n, ids in sequences)}
+    return reports, {"held_out_sequences": len(sequences), "depths": depths, "prompts": len(prompts),
+                     "tokens": tokens, "temperatures": temperatures,
+                     "held_out_tokens": sum(s.tokens.numel() - s.prompt_length for s in sequences),
+                     "answer_tokens": sum(len(ids) - n for n, ids in answers)}
 
 
-def render(reports: list[DraftReport], setup: dict, manifest: dict | None, command: str) -> str:
+def render(reports: list[DraftReport], setup: dict, command: str) -> str:
     lines = ["# Drafts for the default target (SmolLM2-135M-Instruct)", "",
-             f"Produced by `{command}`. Acceptance: mean per-token acceptance of one draft (k = 1, the first "
-             f"draft token) along {setup['answers']} chat answers ({setup['answer_tokens']} tokens) the target "
-             "sampled itself at T = 1, for the bench's hand-written chat prompts (held out: no training "
-             "instruction comes from them). Block efficiency (tokens per target pass): the decoder on "
-             f"{setup['prompts']} chat prompts, {setup['tokens']} new tokens each (k = 1: standard speculative "
-             "sampling; k > 1: K-SEQ).", ""]
-    for report in reports:
-        lines += [f"## {report.name}", ""]
-        if report.acceptance:
-            lines.append("| " + " | ".join(report.acceptance) + " |")
-            lines.append("|---" * len(report.acceptance) + "|")
-            lines.append("| " + " | ".join(f"{v:.3f}" for v in report.acceptance.values()) + " |")
-            lines.append("")
-        if report.step_cost is not None:
-            lines += [f"One draft forward costs {report.step_cost:.3f} of a target forward (1 token, 200 cached).", ""]
-        for temperature, table in report.block_efficiency.items():
-            lines.append(f"Block efficiency at T = {temperature:g}:")
-            lines.append("")
-            lines.append("| k \\ L | " + " | ".join(str(length) for length in setup["lengths"]) + " |")
-            lines.append("|---" * (len(setup["lengths"]) + 1) + "|")
-            for k in setup["ks"]:
-                cells = [f"{table[(k, length)]:.2f}" for length in setup["lengths"]]
-                lines.append(f"| {k} | " + " | ".join(cells) + " |")
-            lines.append("")
-    if manifest:
-        lines += ["## Training of the shipped draft", "", f"Recipe: `{manifest['recipe']}`", ""]
-        if manifest.get("samples"):
-            lines += [f"Data: `{manifest['samples']}` (sampling took {manifest.get('sampling_seconds', '?')} s)", ""]
-        history = manifest["history"]
-        if history and isinstance(history[-1]["acceptance"], dict):
-            labels = list(history[-1]["acceptance"])
-            depths = len(history[-1]["acceptance"][labels[0]])
-            header = [f"{label} d{d + 1}" for label in labels for d in range(depths)]
-            lines += ["Held-out acceptance (target-sampled text of held-out instructions) at draft depth d "
-                      "(the head feeding back its own features), by training tokens:", "",
-                      "| step | training tokens | loss | " + " | ".join(header) + " |",
-                      "|---" * (len(header) + 3) + "|"]
-            for entry in history:
-                values = [entry["acceptance"][label][d] for label in labels for d in range(depths)]
-                loss = "–" if entry["loss"] is None else f"{entry['loss']:.3f}"
-                lines.append(f"| {entry['step']} | {entry['tokens']} | {loss} | "
-                             + " | ".join(f"{v:.3f}" for v in values) + " |")
-        else:
-            lines += ["| training tokens | held-out acceptance (T = 1) |", "|---|---|"]
-            for entry in history:
-                lines.append(f"| {entry['tokens']} | {entry['acceptance']:.4f} |")
+             f"Produced by `{command}`. Held-out split: {setup['held_out_sequences']} sequences "
+             f"({setup['held_out_tokens']} sampled tokens) the target wrote for prompts of the held-out split "
+             "(never trained on). Acceptance per depth: the head unrolled along that text, Σ min(p, q) "
+             "(greedy: argmax agreement). As deployed: depth 1, q from the drafter itself (default draft "
+             f"precision) on {setup['answer_tokens']} answer tokens to the bench's chat prompts. Block efficiency "
+             f"(tokens per target pass): the decoder on {setup['prompts']} held-out chat prompts, "
+             f"{setup['tokens']} new tokens each (k = 1: standard speculative sampling; k > 1: K-SEQ).", "",
+             "![acceptance per depth](drafts-depths.png)", ""]
+    models = [r for r in reports if r.depth_acceptance]
+    if models:
+        lines += ["## Acceptance per depth (held-out)", "",
+                  "| draft | " + " | ".join(f"{label} d{d + 1}" for label in TEMPERATURES
+                                           for d in range(setup["depths"])) + " |",
+                  "|---" * (1 + len(TEMPERATURES) * setup["depths"]) + "|"]
+        for r in models:
+            lines.append(f"| {r.name} | " + " | ".join(f"{v:.3f}" for label in TEMPERATURES
+                                                     for v in r.depth_acceptance[label]) + " |")
+        lines += ["", "## Depth 1 as deployed, and cost", "",
+                  "| draft | " + " | ".join(TEMPERATURES) + " | one depth / one target step |",
+                  "|---" * (len(TEMPERATURES) + 2) + "|"]
+        for r in models:
+            lines.append(f"| {r.name} | " + " | ".join(f"{r.deployed_acceptance[label]:.3f}" for label in TEMPERATURES)
+                         + f" | {r.step_cost:.3f} |")
         lines.append("")
+    for temperature in setup["temperatures"]:
+        lines += [f"## Block efficiency at T = {temperature:g}", "",
+                  "| draft | " + " | ".join(f"k={k} L={length}" for k in KS for length in LENGTHS) + " |",
+                  "|---" * (1 + len(KS) * len(LENGTHS)) + "|"]
+        for r in reports:
+            table = r.block_efficiency[temperature]
+            lines.append(f"| {r.name} | " + " | ".join(f"{table[(k, length)]:.2f}" for k in KS for length in LENGTHS)
+                         + " |")
+        lines.append("")
+    for r in models:
+        m = r.manifest
+        lines += [f"## How {r.name} was made", "",
+                  f"Format {m.get('format')}, feature layers {m.get('feature_layers') or 'final hidden state'}; "
+                  f"recipe `{m.get('recipe')}`.", ""]
+        if m.get("samples"):
+            lines += [f"Data: `{m['samples']}`.", ""]
+        if m.get("vocabulary"):
+            lines += [f"Vocabulary: `{m['vocabulary']}`.", ""]
+        if m.get("made_on"):
+            lines += [f"Made on: {m['made_on']}.", ""]
     return "\n".join(lines)
 
 
-def plot_learning_curve(manifest: dict, path: Path) -> None:
-    """Held-out acceptance vs training tokens (each depth, T = 1) and the training loss."""
+def plot(reports: list[DraftReport], setup: dict, path: Path) -> None:
+    """Acceptance per depth (each temperature) and block efficiency per shape, one line per draft."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = manifest["history"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    tokens = [h["tokens"] for h in history]
-    if isinstance(history[-1]["acceptance"], dict):
-        for label, values in history[-1]["acceptance"].items():
-            for depth in range(len(values)):
-                left.plot(tokens, [h["acceptance"][label][depth] for h in history], marker=".",
-                          label=f"{label}, depth {depth + 1}", alpha=1.0 if depth == 0 else 0.6)
-        left.legend(fontsize=7)
-    else:
-        left.plot(tokens, [h["acceptance"] for h in history], marker="o")
-    left.set_xlabel("training tokens")
-    left.set_ylabel("held-out acceptance")
-    left.grid(alpha=0.3)
-    losses = [(h["tokens"], h["loss"]) for h in history if h["loss"] is not None]
-    if losses:
-        right.plot(*zip(*losses), marker=".")
-    right.set_xlabel("training tokens")
-    right.set_ylabel("training loss (at checkpoints)")
-    right.grid(alpha=0.3)
-    figure.suptitle("Trained draft for SmolLM2-135M-Instruct")
+    figure, axes = plt.subplots(1, len(TEMPERATURES) + 1, figsize=(4 * (len(TEMPERATURES) + 1), 3.4))
+    for axis, label in zip(axes, TEMPERATURES):
+        for r in reports:
+            if r.depth_acceptance:
+                values = r.depth_acceptance[label]
+                axis.plot(range(1, len(values) + 1), values, marker="o", label=r.name)
+        axis.set_title(f"held-out acceptance, {label}")
+        axis.set_xlabel("draft depth")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    shapes = [(k, length) for k in KS for length in LENGTHS]
+    for r in reports:
+        table = r.block_efficiency[setup["temperatures"][0]]
+        axes[-1].plot(range(len(shapes)), [table[s] for s in shapes], marker="s", label=r.name)
+    axes[-1].set_xticks(range(len(shapes)), [f"{k}×{length}" for k, length in shapes], fontsize=7)
+    axes[-1].set_title(f"block efficiency, T = {setup['temperatures'][0]:g} (k × L)")
+    axes[-1].grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot_learning_curve(manifest: dict, path: Path) -> None:
+    from spectr.training.eagle import plot_learning_curve as plot_curve
+
+    plot_curve(manifest, path)

@@ -116,8 +116,8 @@ def is_held_out(instruction: str) -> bool:
     return int(hashlib.sha256(instruction.encode()).hexdigest(), 16) % 100 < HELD_OUT_PERCENT
 
 
-def instructions(seed: int, held_out: bool = False) -> Iterator[str]:
-    """An endless, deterministic stream of distinct instructions from one split."""
+def instructions(seed: int, held_out: bool | None = False) -> Iterator[str]:
+    """An endless, deterministic stream of distinct instructions from one split (None: both)."""
     from pydoc_data.topics import topics
 
     rng = random.Random(seed)
@@ -133,7 +133,7 @@ def instructions(seed: int, held_out: bool = False) -> Iterator[str]:
             name, doc = rng.choice(functions)
             instruction = rng.choice(CODE_TEMPLATES).format(
                 d=doc, n=name, m=name.rsplit(".", 1)[0], topic=rng.choice(python_topics))
-        if instruction in seen or is_held_out(instruction) != held_out:
+        if instruction in seen or (held_out is not None and is_held_out(instruction) != held_out):
             continue
         seen.add(instruction)
         yield instruction
