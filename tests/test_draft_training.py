@@ -167,3 +167,24 @@ def test_a_draft_for_another_tokenizer_is_refused(peaked, tmp_path):
         load_trained_draft(tmp_path / "head", other, precision="fp32")
     with pytest.raises(UnsupportedModelError, match="trained for another target"):
         spectr.load(tmp_path / "other", draft=tmp_path / "head", precision="fp32")
+
+
+def test_the_drafts_study_renders_every_measure(peaked, tmp_path):
+    """The study's report and plots from measured reports (the measuring itself runs on the real model)."""
+    from spectr.studies import drafts
+
+    _, model, _, held_out = peaked
+    _fused_head(model, tmp_path / "head")
+    per_depth = drafts.depth_acceptance(tmp_path / "head", model, held_out[:4], depths=2)
+    assert set(per_depth) == set(drafts.TEMPERATURES) and all(len(v) == 2 for v in per_depth.values())
+    table = {(k, length): 1.0 + k / 10 for k in drafts.KS for length in drafts.LENGTHS}
+    manifest = json.loads((tmp_path / "head" / "draft.json").read_text())
+    reports = [drafts.DraftReport("new", per_depth, {label: 0.5 for label in drafts.TEMPERATURES}, {1.0: table},
+                                  0.08, manifest),
+               drafts.DraftReport("n-gram lookup", block_efficiency={1.0: table})]
+    setup = {"held_out_sequences": 4, "depths": 2, "prompts": 2, "tokens": 8, "temperatures": (1.0,),
+             "held_out_tokens": 40, "answer_tokens": 30}
+    text = drafts.render(reports, setup, "spectr study drafts")
+    assert "| new | " in text and "T=0.7 d2" in text and "k=4 L=4" in text and "0.080" in text
+    drafts.plot(reports, setup, tmp_path / "depths.png")
+    assert (tmp_path / "depths.png").stat().st_size > 0

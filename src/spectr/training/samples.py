@@ -295,8 +295,11 @@ def generate_dataset(lm, tokenizer, output: Path, recipe: DataRecipe, stop_ids: 
     output.mkdir(parents=True, exist_ok=True)
     recipe_json = json.loads(json.dumps(asdict(recipe)))
     manifest = read_manifest(output) or {"format": FORMAT, "recipe": recipe_json, "shards": []}
-    # The token goal may grow between runs; anything else would make the shards a mixture.
-    changed = sorted(key for key in recipe_json if key != "tokens" and manifest["recipe"].get(key) != recipe_json[key])
+    # The token goal may grow between runs; anything else would make the shards a mixture. A setting the
+    # stored recipe predates was its default.
+    defaults = json.loads(json.dumps(asdict(DataRecipe())))
+    changed = sorted(key for key in recipe_json
+                     if key != "tokens" and manifest["recipe"].get(key, defaults[key]) != recipe_json[key])
     if changed:
         raise ValueError(f"{output} holds samples of another recipe (it differs in {', '.join(changed)}); "
                          "use another folder or the same settings")
