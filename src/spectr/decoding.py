@@ -17,7 +17,7 @@ import time
 import torch
 
 from spectr.drafters import Drafter
-from spectr.drafters.base import capture_for
+from spectr.drafters.base import capture_for, capture_kwargs
 from spectr.errors import ContextOverflowError, InvalidInputError, UnsupportedModelError
 from spectr.models.base import head_of
 from spectr.processing import SamplingParams, logits_to_probs
@@ -140,14 +140,12 @@ class Decoder:
         # token the target has run: the prompt's, then the root's and the accepted path's after each step.
         self._feed = getattr(drafter, "uses_target_features", False)
         self._capture = capture_for(drafter)  # the target layers a fused-feature head reads, if any
+        self._capture_kwargs = capture_kwargs(drafter)  # once: the loop passes them to every target pass
         if self._capture and not getattr(target, "captures_layers", False):
             raise UnsupportedModelError(
                 f"the draft reads the target's layers {self._capture}: that needs spectr's own forward for the "
                 f"target, not {getattr(target, 'backend', type(target).__name__)}")
         self._head = head_of(target)
-
-    def _capture_kwargs(self) -> dict:
-        return {"capture": self._capture} if self._capture else {}
 
     def _features(self, out) -> torch.Tensor:
         return out.layers[0] if self._capture else out.hidden[0]
@@ -172,7 +170,7 @@ class Decoder:
         if len(text) > 1:  # the last prompt token is the first root
             out = self.target.forward(
                 torch.tensor(text[:-1])[None], torch.arange(len(text) - 1), cache,
-                logit_indices=torch.tensor([], dtype=torch.long), **self._capture_kwargs(),
+                logit_indices=torch.tensor([], dtype=torch.long), **self._capture_kwargs,
             )
             if self._feed:
                 self.drafter.observe(self._features(out))
@@ -209,7 +207,7 @@ class Decoder:
             target_probs = logits_to_probs(out.logits[0], self.params)  # [n + 1, V]
         else:
             out = self.target.forward(tokens, positions, cache, mask, logit_indices=_NO_ROWS,
-                                      **self._capture_kwargs())
+                                      **self._capture_kwargs)
             target_probs = lazy = RowProbs(self._head, out.hidden[0], self.params)
         verified = time.perf_counter()
         emitted, path, levels = walk(tree, target_probs, self.rule, generator)

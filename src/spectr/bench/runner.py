@@ -29,7 +29,7 @@ import torch
 from spectr.bench.suites import Prompt, load_suite
 from spectr.checks import machine
 from spectr.decoding import Decoder, DecodeSettings
-from spectr.drafters.base import capture_for, root_distributions, target_features
+from spectr.drafters.base import capture_kwargs, root_distributions, target_features
 from spectr.processing import SamplingParams
 
 
@@ -335,9 +335,8 @@ def rules_vs_optimal(engine, prompts: list[Prompt], temperatures: tuple[float, .
         ids = encode(engine, prompt)
         sample = ids + sample_continuation(engine, ids, tokens, seed + index)
         drafter = engine.drafter()
-        capture = capture_for(drafter)
         out = lm.forward(torch.tensor([sample]), torch.arange(len(sample)), lm.new_cache(len(sample)),
-                         **({"capture": capture} if capture else {}))
+                         **capture_kwargs(drafter))
         for temperature in pairs:
             params = SamplingParams(temperature=temperature)
             for position, q in root_distributions(drafter, sample, len(ids) - 1, target_features(drafter, out),

@@ -34,6 +34,13 @@ def capture_for(drafter) -> tuple[int, ...]:
     return tuple(getattr(drafter, "feature_layers", ()))
 
 
+def capture_kwargs(drafter) -> dict:
+    """forward(...) keyword arguments that give `drafter` the layers it reads ({} for none: every forward
+    takes that, only spectr's own takes `capture`)."""
+    capture = capture_for(drafter)
+    return {"capture": capture} if capture else {}
+
+
 def target_features(drafter, out) -> torch.Tensor:
     """What `drafter.observe` takes from a target ForwardOutput of one sequence, for every new token."""
     return out.layers[0] if capture_for(drafter) else out.hidden[0]

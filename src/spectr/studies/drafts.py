@@ -29,7 +29,7 @@ import spectr
 from spectr.bench.runner import sample_continuation
 from spectr.bench.suites import CHAT_PROMPTS
 from spectr.api import _load_draft
-from spectr.drafters.base import capture_for, root_distributions, target_features
+from spectr.drafters.base import capture_kwargs, root_distributions, target_features
 from spectr.precisions import DEFAULT_DRAFT_PRECISION
 from spectr.processing import SamplingParams, logits_to_probs
 
@@ -115,7 +115,7 @@ def deployed_acceptance(engine: spectr.Engine, sequences, temperature: float) ->
     drafter = engine.drafter()
     for prompt_length, ids in sequences:
         out = lm.forward(torch.tensor([ids]), torch.arange(len(ids)), lm.new_cache(len(ids)),
-                         **({"capture": capture_for(drafter)} if capture_for(drafter) else {}))
+                         **capture_kwargs(drafter))
         for position, q in root_distributions(drafter, ids, prompt_length - 1, target_features(drafter, out), params):
             p = logits_to_probs(out.logits[0, position : position + 1], params)[0]
             values.append(float(p.argmax() == q.argmax()) if temperature == 0 else float(torch.minimum(p, q).sum()))
