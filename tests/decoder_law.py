@@ -27,6 +27,7 @@ from spectr.models.llama import rotary_tables
 from spectr.processing import SamplingParams, logits_to_probs
 from spectr.rules import Rule
 from spectr.rules.base import SelectionPlan
+from spectr.rules.block import BlockPlan
 from spectr.rules.kseq import KSeqRule, kseq_plan, kseq_rho_star
 from spectr.training.eagle import EagleConfig, EagleHead, export
 from tests.models.tiny import tiny_model
@@ -99,6 +100,13 @@ class TooEager(Rule):
 
     def __init__(self, rule: Rule):
         self.rule, self.name = rule, rule.name
+        self.path_level = rule.path_level
+
+    def path_plan(self, target_probs, draft_probs, tokens):
+        """A path-level rule (block verification): every stop chance past τ = 0 made 5 % higher."""
+        plan = self.rule.path_plan(target_probs, draft_probs, tokens)
+        stop = torch.cat([plan.stop_probs[:1], (plan.stop_probs[1:] * 1.05).clamp(max=1.0)])
+        return BlockPlan(stop_probs=stop, residual_probs=plan.residual_probs)
 
     def plan(self, target_probs, draft_probs, candidates) -> SelectionPlan:
         plan = self.rule.plan(target_probs, draft_probs, candidates)

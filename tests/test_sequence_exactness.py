@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from spectr.rules import RULES
+from spectr.rules.block import BlockPlan
 from spectr.tree import DraftTree
 from spectr.walk import walk, walk_law
 from tests.lookup import LookupTableLM
@@ -25,6 +26,7 @@ CASES = [  # (rule, k, L, vocab): V = 3 only where V = 4 would enumerate 4^(k·L
     ("kseq", 1, 2, 4), ("kseq", 2, 1, 4), ("kseq", 2, 2, 4), ("kseq", 3, 1, 4), ("kseq", 3, 2, 3),
     ("specinfer", 2, 2, 4), ("specinfer", 3, 1, 4),
     ("rsd", 2, 2, 4), ("rsd", 3, 1, 4),
+    ("block", 1, 1, 4), ("block", 1, 2, 4), ("block", 1, 3, 4), ("block", 1, 4, 3),
 ]
 
 
@@ -48,6 +50,28 @@ def test_a_walk_that_does_not_shrink_the_candidates_fails(monkeypatch):
     target = LookupTableLM.random(3, seed=1)
     draft = LookupTableLM.random(3, seed=2)
     got = first_tokens_law(PROMPT, FIRST_TOKENS, target, draft, RULES["kseq"], 2, 2)
+    expected = target_law(PROMPT, FIRST_TOKENS, target)
+    assert max(abs(got.get(key, 0.0) - expected[key]) for key in expected) > 1e-3
+
+
+class BlockWithoutResidualMass:
+    """Wrong on purpose: block verification with h_i = w_i (the residual mass s_i left out of the stop test)."""
+
+    name, path_level = "block-wrong-stop", True
+
+    def path_plan(self, target_probs, draft_probs, tokens):
+        plan = RULES["block"].path_plan(target_probs, draft_probs, tokens)
+        weights = [1.0]
+        for i, token in enumerate(tokens.tolist()):
+            weights.append(min(1.0, weights[-1] * float(target_probs[i, token] / draft_probs[i, token])))
+        stop = torch.tensor(weights, dtype=plan.stop_probs.dtype)
+        return BlockPlan(stop_probs=stop, residual_probs=plan.residual_probs)
+
+
+def test_block_verification_with_a_wrong_stop_test_fails():
+    target = LookupTableLM.random(4, seed=1)
+    draft = LookupTableLM.random(4, seed=2)
+    got = first_tokens_law(PROMPT, FIRST_TOKENS, target, draft, BlockWithoutResidualMass(), 1, 2)
     expected = target_law(PROMPT, FIRST_TOKENS, target)
     assert max(abs(got.get(key, 0.0) - expected[key]) for key in expected) > 1e-3
 

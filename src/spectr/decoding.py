@@ -27,6 +27,9 @@ from spectr.tree import tree_attention_mask, tree_positions
 from spectr.walk import walk
 
 METHODS = ("ar", "sd", "spectr")
+# "iid": k drafts of L tokens sampled i.i.d. and merged (SpecTr); "dynamic": the `budget` nodes the draft is
+# most confident in, L levels deep, k expansions a level (EAGLE-2; drafters/dynamic.py).
+TREES = ("iid", "dynamic")
 _NO_ROWS = torch.tensor([], dtype=torch.long)  # logit_indices: hidden states only
 
 # The (k, L) used when none is given: the fastest shape of `spectr bench`'s grid on this machine with
@@ -47,17 +50,29 @@ class DecodeSettings:
     rule: str | None = None  # default: "standard" for sd, "kseq" for spectr
     k: int = 4
     length: int = 4  # L, draft tokens per draft
+    tree: str = "iid"  # how the draft tree is built (TREES)
+    budget: int | None = None  # nodes of a dynamic tree (default k·L)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise InvalidInputError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
-        for name, value in (("k", self.k), ("L", self.length)):
+        sizes = [("k", self.k), ("L", self.length)] + ([("budget", self.budget)] if self.budget is not None else [])
+        for name, value in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
+        if self.tree not in TREES:
+            raise InvalidInputError(f"tree must be one of {', '.join(TREES)}, got '{self.tree}'")
+        if self.tree == "dynamic" and self.rule is not None:
+            raise InvalidInputError(
+                f"rule '{self.rule}' does not apply to a dynamic tree: its nodes are chosen, not sampled, and it is "
+                "verified by sampling the target and following the tree (leave the rule unset)")
+        if self.budget is not None and self.tree != "dynamic":
+            raise InvalidInputError("budget sets the nodes of a dynamic tree; it needs tree 'dynamic'")
         if self.rule is not None and self.rule not in RULES:
             raise InvalidInputError(f"rule must be one of {', '.join(RULES)}, got '{self.rule}'")
-        if self.rule_name == "standard" and self.num_drafts > 1:
-            raise InvalidInputError(f"rule 'standard' takes one draft; got k = {self.k} (use 'kseq')")
+        most = RULES[self.rule_name].max_candidates
+        if most is not None and self.num_drafts > most:
+            raise InvalidInputError(f"rule '{self.rule_name}' takes one draft; got k = {self.k} (use 'kseq')")
 
     @property
     def rule_name(self) -> str:
@@ -68,9 +83,18 @@ class DecodeSettings:
         return 1 if self.method == "sd" else self.k
 
     @property
+    def node_budget(self) -> int | None:
+        """The nodes of a dynamic tree; None for i.i.d. drafts."""
+        if self.tree != "dynamic":
+            return None
+        return self.budget if self.budget is not None else self.num_drafts * self.length
+
+    @property
     def tree_size(self) -> int:
         """Most tree nodes one verification can add to the target's cache (besides the root)."""
-        return 0 if self.method == "ar" else self.num_drafts * self.length
+        if self.method == "ar":
+            return 0
+        return self.node_budget or self.num_drafts * self.length
 
 
 @dataclass
@@ -197,7 +221,11 @@ class Decoder:
                 select_seconds=time.perf_counter() - verified,
             )
         start = time.perf_counter()
-        tree = self.drafter.propose(text, self.settings.num_drafts, self.settings.length, self.params, generator)
+        budget = self.settings.node_budget
+        tree = (self.drafter.propose(text, self.settings.num_drafts, self.settings.length, self.params, generator)
+                if budget is None else
+                self.drafter.propose(text, self.settings.num_drafts, self.settings.length, self.params, generator,
+                                     budget=budget))
         drafted = time.perf_counter()
         tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])[None]
         positions, mask = tree_positions(tree.parents, cached), tree_attention_mask(tree.parents, cached)

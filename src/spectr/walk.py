@@ -7,6 +7,10 @@ that token is a child in the tree — accepted, or a residual draw that happens
 to match — the walk moves there; otherwise the step ends with it. At a leaf
 the walk ends with a bonus token sampled from p at the leaf.
 
+A path-level rule (block verification, rules/block.py) judges a single draft
+path as a whole: it reads p along the path, keeps a prefix and draws the next
+token from its own residual; the step ends there.
+
 For a tree of deterministic proposals (`draft_probs` is None, e.g. n-gram
 lookups) the exact and optimal choice is to sample from p and follow the tree
 when the token is there.
@@ -18,8 +22,10 @@ same navigation, for the exactness tests.
 import torch
 from torch import Tensor
 
+from spectr.errors import InvalidInputError
 from spectr.rules import Rule
 from spectr.rules.base import law_of_plan
+from spectr.rules.block import block_sample_stop
 from spectr.sampling import sample_categorical
 from spectr.tree import DraftTree
 
@@ -32,6 +38,43 @@ def _choice_inputs(tree: DraftTree, context: int, rule: Rule) -> Tensor | None:
     return rule.tree_candidates(candidates) if candidates.numel() else None
 
 
+def _judges_path(tree: DraftTree, rule: Rule) -> bool:
+    if not getattr(rule, "path_level", False) or tree.draft_probs is None or tree.num_nodes == 0:
+        return False
+    if tree.paths.shape[0] != 1:
+        raise InvalidInputError(f"rule '{rule.name}' judges one draft path; this tree has {tree.paths.shape[0]}")
+    return True
+
+
+def _path_inputs(tree: DraftTree, target_probs: Tensor, rule: Rule):
+    nodes = tree.paths[0]  # a single path: nodes in depth order
+    length = nodes.shape[0]
+    rows = torch.cat([target_probs[row : row + 1] for row in range(length)])  # p before each path token
+    return nodes, rule.path_plan(rows, tree.draft_probs[:length], tree.tokens[nodes])
+
+
+def _walk_path(tree: DraftTree, target_probs: Tensor, rule: Rule, generator: torch.Generator | None):
+    nodes, plan = _path_inputs(tree, target_probs, rule)
+    length = nodes.shape[0]
+    tau = block_sample_stop(plan, generator)
+    residual = plan.residual_probs[tau : tau + 1] if tau < length else target_probs[length : length + 1]
+    token = int(sample_categorical(residual, generator)[0, 0])
+    path = nodes[:tau].tolist()
+    return tree.tokens[nodes[:tau]].tolist() + [token], path, [1] * min(tau + 1, length)
+
+
+def _path_law(tree: DraftTree, target_probs: Tensor, rule: Rule) -> dict[tuple[int, ...], float]:
+    nodes, plan = _path_inputs(tree, target_probs, rule)
+    length = nodes.shape[0]
+    law: dict[tuple[int, ...], float] = {}
+    for tau, chance in enumerate(plan.stop_law().tolist()):
+        residual = plan.residual_probs[tau] if tau < length else target_probs[length]
+        prefix = tuple(tree.tokens[nodes[:tau]].tolist())
+        for token in torch.nonzero(residual > 0).flatten().tolist():
+            law[prefix + (token,)] = law.get(prefix + (token,), 0.0) + chance * float(residual[token])
+    return law
+
+
 def walk(
     tree: DraftTree, target_probs: Tensor, rule: Rule, generator: torch.Generator | None
 ) -> tuple[list[int], list[int], list[int]]:
@@ -39,6 +82,8 @@ def walk(
 
     Returns (emitted tokens, accepted path of nodes, candidates seen per level).
     """
+    if _judges_path(tree, rule):
+        return _walk_path(tree, target_probs, rule, generator)
     context, path, emitted, levels = -1, [], [], []
     while True:
         row = context + 1
@@ -62,6 +107,8 @@ def walk(
 def walk_law(tree: DraftTree, target_probs: Tensor, rule: Rule) -> dict[tuple[int, ...], float]:
     """Exact law of the tokens `walk` emits: {emitted tokens: probability}."""
     law: dict[tuple[int, ...], float] = {}
+    if _judges_path(tree, rule):
+        return _path_law(tree, target_probs, rule)
 
     def visit(context: int, prefix: tuple[int, ...], weight: float) -> None:
         row = context + 1

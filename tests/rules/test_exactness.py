@@ -9,7 +9,7 @@ from spectr.rules.base import normalize_or
 from spectr.rules.kseq import KSeqRule, kseq_rho_star
 from tests.rules.cases import distribution_pairs, exact_output_law
 
-RULE_KS = [(name, k) for name in RULES for k in range(1, 5) if not (name == "standard" and k > 1)]
+RULE_KS = [(name, k) for name, rule in RULES.items() for k in range(1, (rule.max_candidates or 4) + 1)]
 
 
 @pytest.mark.parametrize("vocab", [2, 3, 4, 5])

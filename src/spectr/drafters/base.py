@@ -19,9 +19,12 @@ class Drafter(Protocol):
         """Forget any previous text; room for `capacity` tokens of text plus drafts."""
 
     def propose(
-        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator
+        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
+        budget: int | None = None,
     ) -> DraftTree:
-        """k draft continuations of `length` tokens after `text` (which ends with the tree's root)."""
+        """k draft continuations of `length` tokens after `text` (which ends with the tree's root); with a
+        node `budget`, a dynamic tree instead (drafters/dynamic.py): `length` levels deep, k expansions and
+        children a level, the `budget` nodes the draft is most confident in."""
 
     def commit(self, path: list[int]) -> None:
         """The walk accepted these nodes of the last tree: keep only them (and the text before)."""

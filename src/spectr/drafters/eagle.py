@@ -12,11 +12,14 @@ tokens are re-entered next time with the target's features.
 Slots: entry j sits in slot j − 1 (there is no entry 0: x_0 has no previous
 feature), so a cache over c committed entries ends with the root x_c.
 The k drafts are drawn i.i.d. from the head's distribution at each node and
-drafts through the same node share it (`grow_tree`, as ModelDrafter).
+drafts through the same node share it (`grow_tree`, as ModelDrafter); with a
+node budget the tree is grown from the head's confidence instead
+(drafters/dynamic.py).
 """
 
 import torch
 
+from spectr.drafters.dynamic import grow_dynamic_tree, ranking_params
 from spectr.drafters.model import grow_tree
 from spectr.processing import SamplingParams, logits_to_probs
 from spectr.tree import DraftTree, tree_attention_mask
@@ -50,7 +53,8 @@ class EagleDrafter:
         self.known += features.shape[0]
 
     def propose(
-        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator
+        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
+        budget: int | None = None,
     ) -> DraftTree:
         root = len(text) - 1
         if self.known < root:
@@ -75,10 +79,13 @@ class EagleDrafter:
                 features=parent_outputs[None],
             )
             outputs.extend(node_out.hidden[0])
-            return logits_to_probs(node_out.logits[0], params)
+            return logits_to_probs(node_out.logits[0], law)
 
-        tree, _ = grow_tree(logits_to_probs(out.logits[0], params)[0], k, length, generator, forward_nodes)
-        return tree
+        law = params if budget is None else ranking_params(params)
+        root_probs = logits_to_probs(out.logits[0], law)[0]
+        if budget is not None:
+            return grow_dynamic_tree(root_probs, k, length, budget, forward_nodes)[0]
+        return grow_tree(root_probs, k, length, generator, forward_nodes)[0]
 
     def commit(self, path: list[int]) -> None:
         # Draft entries read predicted features: drop them; the accepted tokens come back with the

@@ -8,8 +8,11 @@ that node's one distribution, the one stored in the tree for the acceptance
 test.
 """
 
+import itertools
+
 import torch
 
+from spectr.drafters.dynamic import grow_dynamic_tree, ranking_params
 from spectr.processing import SamplingParams, logits_to_probs
 from spectr.sampling import sample_categorical
 from spectr.tree import DraftTree, tree_attention_mask
@@ -62,14 +65,15 @@ class ModelDrafter:
         self.cache = None
         self.cached = 0  # text tokens held by the cache
         self._base = 0  # text length when the last tree was drafted
-        self._forwarded = 0  # nodes of the last tree that went through the draft (the non-leaves)
+        self._slots: list[int] = []  # per node of the last tree: its cache slot after _base, −1 if never run
 
     def reset(self, capacity: int) -> None:
         self.cache = self.lm.new_cache(capacity)
         self.cached = 0
 
     def propose(
-        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator
+        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
+        budget: int | None = None,
     ) -> DraftTree:
         pending = torch.tensor(text[self.cached :], dtype=torch.long)  # at least the root
         out = self.lm.forward(
@@ -78,18 +82,25 @@ class ModelDrafter:
         )
         self.cached = self._base = len(text)
 
+        law = params if budget is None else ranking_params(params)
+
         def forward_nodes(new, tokens, parents, depth):
-            # Node i sits in cache slot base + i.
+            # The i-th node run sits in cache slot base + i.
             mask = tree_attention_mask(torch.tensor(parents), cached=self._base - 1)[1 + new]
             positions = torch.full((new.numel(),), self._base + depth)
             logits = self.lm.forward(torch.tensor(tokens)[new][None], positions, self.cache, mask).logits[0]
-            return logits_to_probs(logits, params)
+            return logits_to_probs(logits, law)
 
-        root_probs = logits_to_probs(out.logits[0], params)[0]
-        tree, self._forwarded = grow_tree(root_probs, k, length, generator, forward_nodes)
+        root_probs = logits_to_probs(out.logits[0], law)[0]
+        if budget is not None:
+            tree, self._slots = grow_dynamic_tree(root_probs, k, length, budget, forward_nodes)
+            return tree
+        tree, forwarded = grow_tree(root_probs, k, length, generator, forward_nodes)
+        self._slots = [node if node < forwarded else -1 for node in range(tree.num_nodes)]  # leaves never ran
         return tree
 
     def commit(self, path: list[int]) -> None:
-        kept = [node for node in path if node < self._forwarded]  # leaves were never forwarded
-        self.cache.commit(self._base, [self._base + node for node in kept])
+        # The nodes of a path that went through the draft are a prefix of it (only a node run has children).
+        kept = [self._slots[node] for node in itertools.takewhile(lambda node: self._slots[node] >= 0, path)]
+        self.cache.commit(self._base, [self._base + slot for slot in kept])
         self.cached = self._base + len(kept)

@@ -38,8 +38,10 @@ class NgramDrafter:
         return found
 
     def propose(
-        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator
+        self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
+        budget: int | None = None,
     ) -> DraftTree:
+        """Up to k continuations of `length` tokens (deterministic already: a node budget changes nothing)."""
         proposals = self.continuations(text, k, length)
         if not proposals:
             empty = torch.empty(0, dtype=torch.long)

@@ -83,6 +83,8 @@ class Rule(ABC):
     """A token-level selection rule: k draft candidates in, one target-distributed token out."""
 
     name: str
+    max_candidates: int | None = None  # most candidates (drafts) the rule takes; None: any number
+    path_level = False  # True: the walk hands it a whole single draft path (block verification)
 
     @abstractmethod
     def plan(self, target_probs: Tensor, draft_probs: Tensor, candidates: Tensor) -> SelectionPlan:

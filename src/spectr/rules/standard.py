@@ -15,12 +15,13 @@ from spectr.rules.checks import check_num_candidates, check_pair
 
 class StandardRule(Rule):
     name = "standard"
+    max_candidates = 1
 
     def check_k(self, k: int) -> int:
         k = check_num_candidates(k)
         if k != 1:
             raise InvalidInputError(
-                f"rule 'standard' takes exactly one candidate (k = 1), got k = {k}; "
+                f"rule '{self.name}' takes exactly one candidate (k = 1), got k = {k}; "
                 "use 'kseq', 'specinfer' or 'rsd' for several drafts"
             )
         return k
