@@ -173,9 +173,9 @@ def sharp_support(logits: torch.Tensor, params: SamplingParams, margin: float = 
 
 
 def check_decoder_law(target, drafter, settings: DecodeSettings, params: SamplingParams, rule: Rule | None = None,
-                      streams: int = 12, tokens: int = 200, seed: int = 0) -> LawCheck:
+                      streams: int = 12, tokens: int = 200, seed: int = 0, profile=None) -> LawCheck:
     """Generate `streams` texts of `tokens` tokens and test every emitted token against p(·|prefix)."""
-    decoder = Decoder(target, drafter, settings, params)
+    decoder = Decoder(target, drafter, settings, params, profile)
     if rule is not None:
         decoder.rule = rule
     generator = torch.Generator().manual_seed(seed)

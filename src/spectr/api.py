@@ -21,6 +21,7 @@ import torch
 
 from spectr.detokenize import IncrementalText
 from spectr.decoding import Decoder, DecodeSettings, StepStats, default_shape
+from spectr.planner import MAX_AUTO_LENGTH, CostProfile, cached_profile, measure_profile
 from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
@@ -39,6 +40,20 @@ class Engine:
 
     target: LoadedModel
     draft: LoadedModel | None  # None: n-gram (prompt lookup) drafts
+    _profiles: dict = field(default_factory=dict, repr=False)
+
+    def cost_profile(self, max_length: int = MAX_AUTO_LENGTH, refresh: bool = False) -> CostProfile:
+        """What a step costs here (planner.py), for tree 'auto': measured once per machine, model, draft and
+        thread count (~1 s), then read from spectr's cache folder."""
+        from spectr import __version__
+        from spectr.checks import machine
+
+        key = (f"{self.describe()} | {machine().describe()} | threads {torch.get_num_threads()} | "
+               f"L {max_length} | spectr {__version__}")
+        if refresh or key not in self._profiles:
+            self._profiles[key] = cached_profile(key, lambda: measure_profile(
+                self.target.lm, self.drafter(), max_length, description=self.describe(paths=False)), refresh)
+        return self._profiles[key]
 
     @property
     def tokenizer(self):
@@ -126,6 +141,7 @@ class GenerationStats:
     verify_seconds: float = 0.0
     select_seconds: float = 0.0
     seconds: float = 0.0
+    shapes: dict[str, int] = field(default_factory=dict)  # steps per drafted shape ("plain", "L=2", ...)
 
     @property
     def block_efficiency(self) -> float:
@@ -146,6 +162,7 @@ class GenerationStats:
         self.draft_seconds += step.draft_seconds
         self.verify_seconds += step.verify_seconds
         self.select_seconds += step.select_seconds
+        self.shapes[step.shape] = self.shapes.get(step.shape, 0) + 1
 
     def summary(self) -> str:
         overhead = self.seconds - self.draft_seconds - self.verify_seconds - self.select_seconds
@@ -153,7 +170,8 @@ class GenerationStats:
             f"{self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s), "
             f"{self.steps} target passes, block efficiency {self.block_efficiency:.2f}; "
             f"draft {self.draft_seconds:.2f} s, verify {self.verify_seconds:.2f} s, "
-            f"select {self.select_seconds:.2f} s, other {max(overhead, 0.0):.2f} s"
+            f"select {self.select_seconds:.2f} s, other {max(overhead, 0.0):.2f} s; "
+            f"steps by shape: {', '.join(f'{shape} {count}' for shape, count in self.shapes.items())}"
         )
 
 
@@ -193,6 +211,27 @@ def encode_prompt(engine: Engine, prompt: str | list[int] | list[dict], chat: bo
     return list(tokenizer(prompt, add_special_tokens=False).input_ids)
 
 
+def decode_settings(method: str = "spectr", rule: str | None = None, k: int | None = None, L: int | None = None,
+                    tree: str | None = None, budget: int | None = None, temperature: float = 1.0) -> DecodeSettings:
+    """The settings of one generation from what a caller gave (None: the default), for the API, CLI and server.
+
+    No shape at all: tree 'auto' up to MAX_AUTO_LENGTH. A k or L without a tree: that fixed shape ('iid'),
+    the missing one from the bench's best shape for the temperature.
+    """
+    if tree is None:
+        tree = "iid" if (k is not None or L is not None or budget is not None or method == "ar"
+                         or (rule is not None and rule not in ("standard", "block"))) else "auto"
+        if budget is not None:
+            tree = "dynamic"
+    if tree == "auto":
+        if k not in (None, 1):
+            raise InvalidInputError(f"tree 'auto' drafts one path a step; k = {k} needs tree 'iid' or 'dynamic'")
+        return DecodeSettings(method=method, rule=rule, k=1, length=MAX_AUTO_LENGTH if L is None else L, tree="auto")
+    default_k, default_length = default_shape(temperature)  # the bench's best shape for this temperature
+    return DecodeSettings(method=method, rule=rule, k=default_k if k is None else k,
+                          length=default_length if L is None else L, tree=tree, budget=budget)
+
+
 def stream(
     engine: Engine,
     prompt: str | list[int] | list[dict],
@@ -201,6 +240,8 @@ def stream(
     rule: str | None = None,
     k: int | None = None,
     L: int | None = None,
+    tree: str | None = None,
+    budget: int | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -209,15 +250,19 @@ def stream(
     stop: list[str] | None = None,
     chat: bool = False,
 ) -> Iterator[Chunk]:
-    """Sample a continuation of `prompt` exactly from the target, streaming text as steps finish."""
-    default_k, default_length = default_shape(temperature)  # the bench's best shape for this temperature
-    settings = DecodeSettings(method=method, rule=rule, k=default_k if k is None else k,
-                              length=default_length if L is None else L)
+    """Sample a continuation of `prompt` exactly from the target, streaming text as steps finish.
+
+    tree: 'auto' (one draft path a step, its length up to L chosen from this machine's measured costs and
+    the acceptance seen so far), 'iid' (k drafts of L tokens) or 'dynamic' (a node `budget`); by default
+    'auto', or 'iid' when k or L is given.
+    """
+    settings = decode_settings(method, rule, k, L, tree, budget, temperature)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     stops = [s for s in (stop or []) if s]
     ids = encode_prompt(engine, prompt, chat)
     generator = torch.Generator().manual_seed(random.randrange(2**63) if seed is None else seed)
-    decoder = Decoder(engine.target.lm, engine.drafter() if method != "ar" else None, settings, params)
+    profile = engine.cost_profile(settings.length) if settings.tree == "auto" else None
+    decoder = Decoder(engine.target.lm, engine.drafter() if method != "ar" else None, settings, params, profile)
     stats = GenerationStats(prompt_tokens=len(ids))
     stop_ids = stop_token_ids(engine.tokenizer)
     hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming

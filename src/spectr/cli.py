@@ -35,9 +35,15 @@ PRECISION = typer.Option(DEFAULT_PRECISION, "--precision",
                          help="native (the file's own quantization), fp32, bf16, int8 or int4 (re-quantized).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the target (fp32/bf16; ~40 s per shape bucket).")
 METHOD = typer.Option("spectr", "--method", help="ar (plain sampling), sd (one draft), spectr (k drafts).")
-RULE = typer.Option(None, "--rule", help="standard, kseq, specinfer or rsd (default: standard for sd, kseq).")
-K = typer.Option(None, "-k", help="Number of drafts (default: the bench's best for the temperature).")
-L = typer.Option(None, "-L", help="Tokens per draft (default: the bench's best for the temperature).")
+RULE = typer.Option(None, "--rule", help="standard, kseq, specinfer, rsd or block (default: block for the auto "
+                                          "tree, standard for sd, kseq).")
+K = typer.Option(None, "-k", help="Number of drafts (iid) or expansions a level (dynamic); giving k or L fixes "
+                                  "the shape (default: auto).")
+L = typer.Option(None, "-L", help="Tokens per draft (iid), levels (dynamic), the longest path (auto; default 6).")
+TREE = typer.Option(None, "--tree", help="auto (default: one path a step, its length chosen from this machine's "
+                                         "measured costs and the acceptance so far), iid (k drafts of L tokens) "
+                                         "or dynamic (the --budget nodes the draft is surest of).")
+BUDGET = typer.Option(None, "--budget", min=1, help="Nodes of a dynamic tree (default k·L).")
 TEMPERATURE = typer.Option(1.0, "--temperature", help="0 = greedy.")
 TOP_K = typer.Option(0, "--top-k", help="0 = off.")
 TOP_P = typer.Option(1.0, "--top-p", help="1 = off.")
@@ -49,6 +55,7 @@ MAX_NEW = typer.Option(128, "--max-new-tokens")
 def generate(
     prompt: str = typer.Argument(..., help="The prompt (a user message with --chat)."),
     method: str = METHOD, rule: str | None = RULE, k: int | None = K, length: int | None = L,
+    tree: str | None = TREE, budget: int | None = BUDGET,
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
     max_new_tokens: int = MAX_NEW,
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
@@ -59,28 +66,39 @@ def generate(
     import spectr
     from spectr.errors import SpectrError
 
-    from spectr.decoding import default_shape
+    from spectr.api import decode_settings
 
-    k = default_shape(temperature)[0] if k is None else k
-    length = default_shape(temperature)[1] if length is None else length
     try:
+        settings = decode_settings(method, rule, k, length, tree, budget, temperature)
         engine = _engine(target, draft, precision, compile)
         stats = None
         for chunk in spectr.stream(
-            engine, prompt, method=method, rule=rule, k=k, L=length, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, stop=stop, chat=chat,
+            engine, prompt, method=method, rule=rule, k=k, L=length, tree=tree, budget=budget,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, stop=stop,
+            chat=chat,
         ):
             typer.echo(chunk.text, nl=False)
             stats = chunk.stats
         typer.echo("")
-        typer.echo(f"[{method}, k={k}, L={length}] {stats.summary()}", err=True)
+        typer.echo(f"[{_shape_label(settings)}] {stats.summary()}", err=True)
     except SpectrError as error:
         _fail(error)
+
+
+def _shape_label(settings) -> str:
+    if settings.method == "ar":
+        return "ar"
+    if settings.tree == "auto":
+        return f"{settings.method}, auto up to L={settings.length}, rule {settings.rule_name}"
+    if settings.tree == "dynamic":
+        return f"{settings.method}, dynamic k={settings.k}, L={settings.length}, {settings.node_budget} nodes"
+    return f"{settings.method}, k={settings.num_drafts}, L={settings.length}, rule {settings.rule_name}"
 
 
 @app.command()
 def chat(
     method: str = METHOD, rule: str | None = RULE, k: int | None = K, length: int | None = L,
+    tree: str | None = TREE, budget: int | None = BUDGET,
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
@@ -107,7 +125,8 @@ def chat(
         typer.echo("bot> ", nl=False)
         try:
             for chunk in spectr.stream(
-                engine, messages, method=method, rule=rule, k=k, L=length, temperature=temperature,
+                engine, messages, method=method, rule=rule, k=k, L=length, tree=tree, budget=budget,
+                temperature=temperature,
                 top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
                 max_new_tokens=max_new_tokens, chat=True,
             ):

@@ -20,16 +20,18 @@ from spectr.drafters import Drafter
 from spectr.drafters.base import capture_for, capture_kwargs
 from spectr.errors import ContextOverflowError, InvalidInputError, UnsupportedModelError
 from spectr.models.base import head_of
+from spectr.planner import CostProfile, PathPlanner
 from spectr.processing import SamplingParams, logits_to_probs
 from spectr.rules import RULES, Rule
 from spectr.sampling import sample_categorical
-from spectr.tree import tree_attention_mask, tree_positions
+from spectr.tree import DraftTree, tree_attention_mask, tree_positions
 from spectr.walk import walk
 
 METHODS = ("ar", "sd", "spectr")
 # "iid": k drafts of L tokens sampled i.i.d. and merged (SpecTr); "dynamic": the `budget` nodes the draft is
-# most confident in, L levels deep, k expansions a level (EAGLE-2; drafters/dynamic.py).
-TREES = ("iid", "dynamic")
+# most confident in, L levels deep, k expansions a level (EAGLE-2; drafters/dynamic.py); "auto": one draft
+# path a step, its length (0 = a plain step) up to L chosen from measured cost and acceptance (planner.py).
+TREES = ("iid", "dynamic", "auto")
 _NO_ROWS = torch.tensor([], dtype=torch.long)  # logit_indices: hidden states only
 
 # The (k, L) used when none is given: the fastest shape of `spectr bench`'s grid on this machine with
@@ -66,6 +68,11 @@ class DecodeSettings:
             raise InvalidInputError(
                 f"rule '{self.rule}' does not apply to a dynamic tree: its nodes are chosen, not sampled, and it is "
                 "verified by sampling the target and following the tree (leave the rule unset)")
+        if self.tree == "auto" and self.method == "ar":
+            raise InvalidInputError("tree 'auto' chooses how much to draft: it needs method 'sd' or 'spectr'")
+        if self.tree == "auto" and not (self.rule is None or RULES[self.rule].max_candidates == 1):
+            raise InvalidInputError(f"tree 'auto' drafts one path a step: rule '{self.rule}' needs several drafts "
+                                    "(use 'block' or 'standard', or leave it unset)")
         if self.budget is not None and self.tree != "dynamic":
             raise InvalidInputError("budget sets the nodes of a dynamic tree; it needs tree 'dynamic'")
         if self.rule is not None and self.rule not in RULES:
@@ -76,11 +83,15 @@ class DecodeSettings:
 
     @property
     def rule_name(self) -> str:
-        return self.rule or ("standard" if self.method == "sd" else "kseq")
+        if self.rule:
+            return self.rule
+        if self.tree == "auto":
+            return "block"
+        return "standard" if self.method == "sd" else "kseq"
 
     @property
     def num_drafts(self) -> int:
-        return 1 if self.method == "sd" else self.k
+        return 1 if self.method == "sd" or self.tree == "auto" else self.k
 
     @property
     def node_budget(self) -> int | None:
@@ -88,6 +99,13 @@ class DecodeSettings:
         if self.tree != "dynamic":
             return None
         return self.budget if self.budget is not None else self.num_drafts * self.length
+
+    @property
+    def draft_nodes(self) -> int:
+        """Most nodes one proposal runs through the draft (a dynamic tree runs k a level, kept or not)."""
+        if self.method == "ar":
+            return 0
+        return max(self.tree_size, self.num_drafts * (self.length - 1))
 
     @property
     def tree_size(self) -> int:
@@ -106,6 +124,7 @@ class StepStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     select_seconds: float = 0.0
+    shape: str = "plain"  # what was drafted: "plain" (nothing), "L=3", "k=2 L=3", "dynamic k=2 L=3 n=6"
 
     def truncate(self, count: int) -> None:
         """Keep the first `count` emitted tokens (a generation ended inside this step): the accepted
@@ -152,9 +171,16 @@ def require_room(context: int, prompt_tokens: int, max_new_tokens: int, settings
 class Decoder:
     """Samples continuations of a prompt from `target`, exactly, with help from `drafter`."""
 
-    def __init__(self, target, drafter: Drafter | None, settings: DecodeSettings, params: SamplingParams):
+    def __init__(self, target, drafter: Drafter | None, settings: DecodeSettings, params: SamplingParams,
+                 profile: CostProfile | None = None):
+        """profile: the measured costs that tree 'auto' chooses by (planner.py; api.Engine.cost_profile)."""
         if settings.method != "ar" and drafter is None:
             raise InvalidInputError(f"method '{settings.method}' needs a drafter")
+        self.planner = None
+        if settings.tree == "auto":
+            if profile is None:
+                raise InvalidInputError("tree 'auto' needs the machine's cost profile (Engine.cost_profile())")
+            self.planner = PathPlanner(profile, settings.length)
         self.target = target
         self.drafter = drafter
         self.settings = settings
@@ -189,7 +215,7 @@ class Decoder:
         needed = require_room(self.target.config.context_length, len(prompt), max_new_tokens, self.settings)
         cache = self.target.new_cache(needed)
         if self.drafter is not None:
-            self.drafter.reset(needed)
+            self.drafter.reset(needed + self.settings.draft_nodes - self.settings.tree_size)
         text = list(prompt)
         if len(text) > 1:  # the last prompt token is the first root
             out = self.target.forward(
@@ -221,11 +247,7 @@ class Decoder:
                 select_seconds=time.perf_counter() - verified,
             )
         start = time.perf_counter()
-        budget = self.settings.node_budget
-        tree = (self.drafter.propose(text, self.settings.num_drafts, self.settings.length, self.params, generator)
-                if budget is None else
-                self.drafter.propose(text, self.settings.num_drafts, self.settings.length, self.params, generator,
-                                     budget=budget))
+        tree, shape = self._propose(text, generator)
         drafted = time.perf_counter()
         tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])[None]
         positions, mask = tree_positions(tree.parents, cached), tree_attention_mask(tree.parents, cached)
@@ -241,11 +263,47 @@ class Decoder:
         emitted, path, levels = walk(tree, target_probs, self.rule, generator)
         head_seconds = 0.0 if lazy is None else lazy.seconds
         cache.commit(cached + 1, [cached + 1 + node for node in path])
-        self.drafter.commit(path)
+        if tree is not _PLAIN:
+            self.drafter.commit(path)
         if self._feed:
             self.drafter.observe(self._features(out)[[0] + [1 + node for node in path]])
+        if self.planner is not None and tree.num_nodes:
+            self.planner.observe(_path_acceptance(tree, target_probs))
         return StepStats(
             emitted=emitted, accepted=len(path), candidates_per_level=levels, tree_nodes=tree.num_nodes,
             draft_seconds=drafted - start, verify_seconds=verified - drafted + head_seconds,
-            select_seconds=time.perf_counter() - verified - head_seconds,
+            select_seconds=time.perf_counter() - verified - head_seconds, shape=shape,
         )
+
+    def _propose(self, text: list[int], generator: torch.Generator):
+        """This step's draft tree and its shape's name."""
+        settings = self.settings
+        if self.planner is not None:
+            length = self.planner.choose()
+            if length == 0:  # a plain step: the target alone (the drafter is not asked, nor told)
+                return _PLAIN, "plain"
+            return self.drafter.propose(text, 1, length, self.params, generator), f"L={length}"
+        budget = settings.node_budget
+        if budget is not None:
+            tree = self.drafter.propose(text, settings.num_drafts, settings.length, self.params, generator,
+                                        budget=budget)
+            return tree, f"dynamic k={settings.num_drafts} L={settings.length} n={budget}"
+        tree = self.drafter.propose(text, settings.num_drafts, settings.length, self.params, generator)
+        return tree, f"L={settings.length}" if settings.num_drafts == 1 else f"k={settings.num_drafts} L={settings.length}"
+
+
+_PLAIN = DraftTree(tokens=torch.empty(0, dtype=torch.long), parents=torch.empty(0, dtype=torch.long),
+                   paths=torch.empty(1, 0, dtype=torch.long), draft_probs=None)
+
+
+def _path_acceptance(tree: DraftTree, target_probs) -> list[float]:
+    """The chance each depth of a single-path tree is kept, where the walk read p (rows 0, 1, ... in order):
+    Σ min(p, q) for a sampled token, p(token) for a deterministic one (n-gram lookups)."""
+    chances = []
+    for row in range(tree.num_nodes):
+        if isinstance(target_probs, RowProbs) and row not in target_probs.rows:
+            break
+        p = target_probs[row : row + 1][0]
+        chances.append(float(p[tree.tokens[row]]) if tree.draft_probs is None
+                       else float(torch.minimum(p, tree.draft_probs[row]).sum()))
+    return chances

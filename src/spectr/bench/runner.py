@@ -42,6 +42,8 @@ class Method:
     k: int = 1
     length: int = 1
     draft: str = ""  # spectr: "" for the bench's draft, else the label of a draft compared alongside
+    tree: str = "iid"  # spectr: how the draft tree is built (decoding.TREES)
+    budget: int | None = None  # spectr: nodes of a dynamic tree
 
 
 @dataclass
@@ -203,9 +205,11 @@ class Peers:
 def run_spectr(engine, method: Method, ids: list[int], temperature: float, max_new_tokens: int, seed: int) -> Record:
     from spectr.api import GenerationStats
 
-    settings = DecodeSettings(method=method.kind, rule=method.rule, k=method.k, length=method.length)
+    settings = DecodeSettings(method=method.kind, rule=method.rule, k=method.k, length=method.length,
+                              tree=method.tree, budget=method.budget)
     drafter = engine.drafter() if method.kind != "ar" else None
-    decoder = Decoder(engine.target.lm, drafter, settings, SamplingParams(temperature=temperature))
+    profile = engine.cost_profile(settings.length) if settings.tree == "auto" else None
+    decoder = Decoder(engine.target.lm, drafter, settings, SamplingParams(temperature=temperature), profile)
     stats = GenerationStats()
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -298,7 +302,7 @@ def summarize(records: list[Record], methods: list[Method]) -> list[dict]:
             split["other"] = max(0.0, 1 - sum(split.values()))
         rows.append({
             "method": name, "family": method.family, "kind": method.kind, "rule": method.rule, "draft": method.draft,
-            "k": method.k,
+            "k": method.k, "tree": method.tree, "budget": method.budget,
             "L": method.length, "suite": suite, "temperature": temperature, "new_tokens": tokens,
             "seconds": seconds, "tokens_per_second": tokens / seconds,
             "speedup_vs_ar": speed[(name, suite, temperature)] / ar if ar else None,

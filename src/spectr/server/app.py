@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
 from spectr import api
-from spectr.decoding import DecodeSettings, default_shape, require_room
+from spectr.decoding import require_room
 from spectr.errors import ContextOverflowError, SpectrError
 from spectr.processing import SamplingParams
 from spectr.server.metrics import ServerMetrics
@@ -93,7 +93,10 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
 
     def load() -> None:
         try:
-            state["engine"] = load_engine()
+            engine = load_engine()
+            if hasattr(engine, "cost_profile"):  # the default tree 'auto' reads it: measured (or read) before ready
+                engine.cost_profile()
+            state["engine"] = engine
         except Exception as error:  # reported by /health; the server stays up to say so
             state["error"] = error
 
@@ -179,9 +182,8 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
             raise ApiError(400, "only n = 1 is supported", param="n")
         max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
         try:
-            default_k, default_length = default_shape(body.temperature)
-            settings_ = DecodeSettings(method=body.method, rule=body.rule, k=body.k or default_k,
-                                       length=body.L or default_length)
+            settings_ = api.decode_settings(body.method, body.rule, body.k, body.L, body.tree, body.budget,
+                                            body.temperature)
             SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
             ids = api.encode_prompt(engine, prompt, chat=not isinstance(prompt, str))
             if not ids:
@@ -197,7 +199,7 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
                 ) from None
         except SpectrError as error:
             raise ApiError(400, str(error)) from None
-        options = dict(method=body.method, rule=body.rule, k=settings_.k, L=settings_.length,
+        options = dict(method=body.method, rule=body.rule, k=body.k, L=body.L, tree=body.tree, budget=body.budget,
                        temperature=body.temperature,
                        top_k=body.top_k, top_p=body.top_p, seed=body.seed, max_new_tokens=max_tokens,
                        stop=body.stops())
@@ -210,6 +212,7 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
             "total_tokens": stats.prompt_tokens + stats.new_tokens,
             "spectr": {
                 "block_efficiency": round(stats.block_efficiency, 4),
+                "steps_by_shape": dict(stats.shapes),
                 "target_passes": stats.steps,
                 "accepted_per_position": stats.accepted_per_position,
             },

@@ -1,8 +1,11 @@
-"""Request bodies of the OpenAI API, plus spectr's own fields (k, L, method, rule, top_k)."""
+"""Request bodies of the OpenAI API, plus spectr's own fields (k, L, tree, budget, method, rule, top_k)."""
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from spectr.decoding import METHODS, TREES
+from spectr.rules import RULES
 
 
 class StreamOptions(BaseModel):
@@ -23,10 +26,12 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # spectr's own
-    k: int | None = Field(default=None, ge=1)  # None: the default shape for the temperature
+    k: int | None = Field(default=None, ge=1)  # None (with L and tree): tree 'auto' (api.decode_settings)
     L: int | None = Field(default=None, ge=1)
-    method: Literal["ar", "sd", "spectr"] = "spectr"
-    rule: Literal["standard", "kseq", "specinfer", "rsd"] | None = None
+    method: Literal[METHODS] = "spectr"
+    rule: Literal[tuple(RULES)] | None = None
+    tree: Literal[TREES] | None = None
+    budget: int | None = Field(default=None, ge=1)
 
     def stops(self) -> list[str]:
         return [] if self.stop is None else ([self.stop] if isinstance(self.stop, str) else list(self.stop))

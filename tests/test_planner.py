@@ -1,0 +1,147 @@
+"""The `auto` shape (planner.py): the choice it makes from a cost profile and observed acceptance, the
+profile's measurement and cache, and decoding with it — exact, greedy-equal, reproducible."""
+
+import pytest
+import torch
+
+from spectr.decoding import Decoder, DecodeSettings
+from spectr.drafters import EagleDrafter, ModelDrafter
+from spectr.errors import InvalidInputError
+from spectr.models import native_forward
+from spectr.planner import EXPLORE_AT_MOST, EXPLORE_EVERY, CostProfile, PathPlanner, cached_profile, measure_profile
+from spectr.processing import SamplingParams
+from tests.decoder_law import check_decoder_law, law_target, perturbed_copy
+from tests.models.tiny import tiny_model
+from tests.stats import P_VALUE_THRESHOLD
+
+# A tree token nearly free, drafting cheap: long paths pay when the draft agrees.
+CHEAP_TREES = CostProfile(target_seconds=tuple(0.010 + 0.0005 * n for n in range(7)),
+                          draft_seconds=tuple(0.001 * (n + 1) for n in range(6)))
+# Every tree token as dear as a step: only plain steps pay (this machine with today's draft, nearly).
+DEAR_TREES = CostProfile(target_seconds=tuple(0.010 * (n + 1) for n in range(7)),
+                         draft_seconds=tuple(0.004 * (n + 1) for n in range(6)))
+
+
+def test_expected_tokens_is_the_chain_of_acceptances():
+    planner = PathPlanner(CHEAP_TREES, 3)
+    planner.acceptance = [0.5, 0.4, 0.2]
+    assert planner.expected_tokens(0) == 1
+    assert planner.expected_tokens(3) == pytest.approx(1 + 0.5 + 0.2 + 0.04)
+
+
+def test_the_choice_follows_acceptance_and_cost():
+    cheap, dear = PathPlanner(CHEAP_TREES, 6), PathPlanner(DEAR_TREES, 6)
+    for planner in (cheap, dear):
+        planner.acceptance = [0.9] * 6
+    assert cheap.best_length() == 6
+    assert dear.best_length() == 0  # 0.9 a token does not repay a forward that costs L + 1 steps
+    cheap.acceptance = [0.05] * 6
+    assert cheap.best_length() == 0
+    cheap.acceptance = [0.6] * 6
+    assert 0 < cheap.best_length() < 6
+
+
+def test_plain_steps_still_look_at_the_draft_now_and_then():
+    """One step in 8 drafts, then one in 16, 32, 64, 64: less often while drafting keeps losing."""
+    planner = PathPlanner(DEAR_TREES, 4)
+    chosen = [planner.choose() for _ in range(400)]
+    looks = [i for i, length in enumerate(chosen) if length]
+    assert set(chosen) == {0, 1}
+    gaps = [b - a for a, b in zip([-1] + looks, looks)]
+    assert gaps[:6] == [EXPLORE_EVERY, 2 * EXPLORE_EVERY, 4 * EXPLORE_EVERY, EXPLORE_AT_MOST, EXPLORE_AT_MOST,
+                        EXPLORE_AT_MOST]
+    planner.acceptance = [0.99] * 4  # drafting pays again: the interval starts over
+    assert planner.choose() == 0 or planner.explore_after == EXPLORE_EVERY
+
+
+def test_observations_move_the_estimate():
+    planner = PathPlanner(CHEAP_TREES, 3)
+    before = list(planner.acceptance)
+    for _ in range(50):
+        planner.observe([0.95, 0.9])
+    assert planner.acceptance[0] > 0.9 and planner.acceptance[1] > 0.85 and planner.acceptance[2] == before[2]
+    for _ in range(100):  # and forget: the text got harder (a horizon of 32 observations)
+        planner.observe([0.1])
+    assert planner.acceptance[0] < 0.2
+
+
+def test_a_profile_too_short_is_refused():
+    with pytest.raises(InvalidInputError, match="covers paths of up to 6"):
+        PathPlanner(CHEAP_TREES, 8)
+    with pytest.raises(InvalidInputError, match="needs the machine's cost profile"):
+        Decoder(None, object(), DecodeSettings(tree="auto"), SamplingParams())
+
+
+@pytest.fixture(scope="module")
+def models():
+    hf = tiny_model("llama-gqa", seed=0, initializer_range=0.3)
+    return native_forward(hf, "fp32"), perturbed_copy(hf, sharpen=1.0, noise=0.02)
+
+
+def test_measured_profile_and_its_cache(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECTR_CACHE_DIR", str(tmp_path))
+    target, draft = models
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return measure_profile(target, ModelDrafter(draft), max_length=3, context=16, repeats=2)
+
+    profile = cached_profile("tiny", measure)
+    assert len(profile.target_seconds) == 4 and len(profile.draft_seconds) == 3 and profile.max_length == 3
+    assert all(seconds > 0 for seconds in profile.target_seconds + profile.draft_seconds)
+    assert cached_profile("tiny", measure) == profile and len(calls) == 1  # read back, not measured again
+    cached_profile("tiny", measure, refresh=True)
+    assert len(calls) == 2
+
+
+def decode(target, drafter, settings, params, profile, seed=0, tokens=40):
+    decoder = Decoder(target, drafter, settings, params, profile)
+    steps = list(decoder.stream([3, 17, 42, 8, 25, 3, 17], tokens, torch.Generator().manual_seed(seed)))
+    return [t for s in steps for t in s.emitted], steps
+
+
+@pytest.mark.parametrize("profile", [CHEAP_TREES, DEAR_TREES], ids=["cheap", "dear"])
+def test_greedy_equals_plain_greedy(models, profile):
+    target, draft = models
+    greedy = SamplingParams(temperature=0)
+    plain, _ = decode(target, None, DecodeSettings(method="ar"), greedy, None)
+    auto, steps = decode(target, ModelDrafter(draft), DecodeSettings(tree="auto", length=4), greedy, profile)
+    assert auto == plain
+    shapes = {s.shape for s in steps}
+    assert ("plain" in shapes) == (profile is DEAR_TREES) and any(s.startswith("L=") for s in shapes)
+
+
+def test_seeded_runs_repeat_their_choices(models):
+    target, draft = models
+    params, settings = SamplingParams(temperature=1.0), DecodeSettings(tree="auto", length=4)
+    first = decode(target, ModelDrafter(draft), settings, params, CHEAP_TREES, seed=3)
+    second = decode(target, ModelDrafter(draft), settings, params, CHEAP_TREES, seed=3)
+    assert first[0] == second[0] and [s.shape for s in first[1]] == [s.shape for s in second[1]]
+
+
+# Drafting, then plain steps, then drafting again: the drafters must stay in step with the text (the head
+# through the features it is handed) whatever mix of shapes the planner picks.
+MIXED = CostProfile(target_seconds=(0.010, 0.0115, 0.013, 0.0145, 0.016), draft_seconds=(0.001, 0.002, 0.003, 0.004))
+
+
+def test_every_token_follows_the_target_with_both_drafters(tmp_path):
+    from spectr.drafters.trained import load_trained_draft
+    from tests.decoder_law import sharpened_head
+
+    hf = law_target()
+    target = native_forward(hf, "fp32")
+    head = load_trained_draft(sharpened_head(hf, tmp_path), hf, precision="fp32")
+    settings = DecodeSettings(tree="auto", length=4)
+    for drafter in (ModelDrafter(perturbed_copy(hf)), EagleDrafter(head)):
+        exact = check_decoder_law(target, drafter, settings, SamplingParams(temperature=0.7), streams=15,
+                                  profile=MIXED)
+        assert exact.accepted > exact.steps / 2 and exact.pvalue > P_VALUE_THRESHOLD, exact
+
+
+def test_settings_for_auto():
+    assert DecodeSettings(tree="auto").rule_name == "block" and DecodeSettings(tree="auto", k=4).num_drafts == 1
+    with pytest.raises(InvalidInputError, match="needs several drafts"):
+        DecodeSettings(tree="auto", rule="kseq")
+    with pytest.raises(InvalidInputError, match="needs method 'sd' or 'spectr'"):
+        DecodeSettings(method="ar", tree="auto")
