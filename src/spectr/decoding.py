@@ -34,7 +34,8 @@ METHODS = ("ar", "sd", "spectr")
 TREES = ("iid", "dynamic", "auto")
 _NO_ROWS = torch.tensor([], dtype=torch.long)  # logit_indices: hidden states only
 
-# The (k, L) used when none is given: the fastest shape of `spectr bench`'s grid on this machine with
+# The (k, L) of a fixed (iid) shape when the caller gives only one of them or names the tree alone (with no
+# shape at all, api.decode_settings picks tree 'auto'): the fastest shape of `spectr bench`'s grid on this machine with
 # the shipped draft (docs/CHAT.md: chat prompts, native target, int4 draft). With a draft accepting ~0.3
 # a token, one draft token a step wins at both temperatures (T = 1: 83.5 tok/s, BE 1.33; K-SEQ k = 2, L = 1:
 # 72.4, BE 1.40) -- and still loses to plain sampling (96.7): the draft is what caps speculation today.

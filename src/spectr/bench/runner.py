@@ -71,17 +71,24 @@ class BenchConfig:
     grid_k: tuple[int, ...] = (1, 2, 4, 8)
     grid_length: tuple[int, ...] = (2, 4, 6)
     rules_at: tuple[int, int] = (4, 4)  # (k, L) where the other rules are compared with K-SEQ
+    dynamic_at: tuple[tuple[int, int, int], ...] = ((2, 2, 3), (2, 4, 6), (4, 4, 12))  # (k, L, nodes) of dynamic trees
     peers: bool = True
     seed: int = 0
     compared_drafts: tuple[str, ...] = ()  # labels of other drafts run through the same grid (`run_bench`)
 
 
 def spectr_methods(config: BenchConfig) -> list[Method]:
+    from spectr.planner import MAX_AUTO_LENGTH
+
     methods = [Method("spectr ar", "spectr", "ar")]
+    for draft in ("", *config.compared_drafts):
+        tag = f" [{draft}]" if draft else ""
+        methods.append(Method(f"spectr auto{tag}", "spectr", "spectr", None, 1, MAX_AUTO_LENGTH, draft, "auto"))
     for length in config.grid_length:
         for draft in ("", *config.compared_drafts):
             tag = f" [{draft}]" if draft else ""
             methods.append(Method(f"spectr sd L={length}{tag}", "spectr", "sd", "standard", 1, length, draft))
+            methods.append(Method(f"spectr block L={length}{tag}", "spectr", "sd", "block", 1, length, draft))
             for k in config.grid_k:
                 if k > 1:
                     methods.append(Method(f"spectr kseq k={k} L={length}{tag}", "spectr", "spectr", "kseq", k,
@@ -89,6 +96,9 @@ def spectr_methods(config: BenchConfig) -> list[Method]:
     k, length = config.rules_at
     for rule in ("specinfer", "rsd"):
         methods.append(Method(f"spectr {rule} k={k} L={length}", "spectr", "spectr", rule, k, length))
+    for k, length, nodes in config.dynamic_at:
+        methods.append(Method(f"spectr dynamic k={k} L={length} n={nodes}", "spectr", "spectr", None, k, length,
+                              tree="dynamic", budget=nodes))
     return methods
 
 
@@ -313,24 +323,14 @@ def summarize(records: list[Record], methods: list[Method]) -> list[dict]:
     return rows
 
 
-def optimal_acceptance_bound(target_probs: torch.Tensor, draft_probs: torch.Tensor, k: int) -> float:
-    """α*(p, q, k) = min over token sets Ω of p(Ω) + 1 − q(Ω)^k, over the sets made of the tokens with the
-    smallest p/q first: an upper bound on α* (exact brute force is out of reach at this vocabulary)."""
-    ratio = target_probs / draft_probs.clamp(min=1e-30)
-    order = ratio.argsort()
-    p_sum = torch.cumsum(target_probs[order].double(), 0)
-    q_sum = torch.cumsum(draft_probs[order].double(), 0)
-    return float(torch.minimum((p_sum + 1 - q_sum**k).min(), torch.tensor(1.0, dtype=torch.float64)))
-
-
 def rules_vs_optimal(engine, prompts: list[Prompt], temperatures: tuple[float, ...], ks=(1, 2, 4, 8),
                      tokens: int = 48, seed: int = 0) -> dict:
-    """First-token acceptance of each rule, exact from (p, q) at real positions, and the α* bound.
+    """First-token acceptance of each rule, exact from (p, q) at real positions, and α*.
 
     Positions: the target's own samples (T = 1) after each prompt; q is the drafter's distribution at
     the root of a tree there, p the target's, both at temperature T.
     """
-    from spectr.rules import RULES
+    from spectr.rules import RULES, optimal_acceptance
 
     result: dict = {}
     pairs: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {t: [] for t in temperatures if t > 0}
@@ -351,9 +351,9 @@ def rules_vs_optimal(engine, prompts: list[Prompt], temperatures: tuple[float, .
                 q = q.double()
                 pairs[temperature].append((p, q / q.sum()))  # float64 throughout: bounds compare exactly
     for temperature, items in pairs.items():
-        curves: dict[str, dict[int, float]] = {"α* (bound)": {}, "kseq": {}, "specinfer": {}}
+        curves: dict[str, dict[int, float]] = {"α*": {}, "kseq": {}, "specinfer": {}}
         for k in ks:
-            curves["α* (bound)"][k] = sum(optimal_acceptance_bound(p, q, k) for p, q in items) / len(items)
+            curves["α*"][k] = sum(optimal_acceptance(p, q, k) for p, q in items) / len(items)
             for rule in ("kseq", "specinfer"):
                 curves[rule][k] = sum(RULES[rule].acceptance_probability(p, q, k)
                                       for p, q in items) / len(items)

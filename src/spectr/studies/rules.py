@@ -169,8 +169,8 @@ def render_markdown(results: list[CellResult], timings: dict[int, dict[str, floa
         "",
         f"Each row: {grid.cases} random (target p, draft q) pairs. *independent*: p and q independent "
         "Dirichlet(c) draws; *related*: q = (p + an independent Dirichlet(c)) / 2, a draft that roughly "
-        "knows the target. α* is the optimal acceptance with k i.i.d. candidates (SPECTR.md §1.3, brute "
-        "force over subsets). Each rule's column: mean / worst of α_rule / α* over the pairs with "
+        "knows the target. α* is the optimal acceptance with k i.i.d. candidates (SPECTR.md §1.3; exact, "
+        "over the token sets ordered by p/q, which contain the best one: rules/optimal.py). Each rule's column: mean / worst of α_rule / α* over the pairs with "
         f"α* ≥ {MIN_OPTIMAL} (the last column counts the pairs left out). `standard` is one draft "
         "(k = 1) against α*(k): what k drafts buy. RSD draws without replacement, so it can exceed the "
         "i.i.d. optimum α*; values marked ≈ are Monte Carlo "
