@@ -7,6 +7,7 @@ from spectr.api import encode_prompt
 from spectr.decoding import Decoder, DecodeSettings
 from spectr.drafters import ModelDrafter, NgramDrafter
 from spectr.models import native_forward
+from spectr.planner import CostProfile
 from spectr.processing import SamplingParams
 
 pytestmark = pytest.mark.real_model
@@ -94,6 +95,30 @@ def test_greedy_spectr_equals_greedy_decoding_at_the_default_precision(default_e
         spec, steps = run(engine.target.lm, engine.drafter(), DecodeSettings(k=k, length=length), prompt, tokens=48)
         assert spec == plain, (message, shape)
         assert steps < plain_steps  # the draft was accepted along the way
+
+
+# Every tree must drive the same draft cache and the same target cache: the shapes beyond K-SEQ too. The
+# planner's profile here makes drafting pay, so tree 'auto' really drafts (the machine's own would not).
+DRAFTING_PROFILE = CostProfile(target_seconds=tuple(0.010 + 0.001 * n for n in range(7)),
+                               draft_seconds=tuple(0.0005 * (n + 1) for n in range(6)))
+
+
+@pytest.mark.parametrize("settings", [DecodeSettings(method="sd", rule="block", length=4),
+                                      DecodeSettings(k=2, length=4, tree="dynamic", budget=6),
+                                      DecodeSettings(tree="auto", length=4)], ids=["block", "dynamic", "auto"])
+def test_greedy_equals_greedy_decoding_with_every_tree(default_engine, settings):
+    engine = default_engine
+    for message in CHAT_PROMPTS[:2]:
+        prompt = encode_prompt(engine, message, chat=True)
+        plain, plain_steps = run(engine.target.lm, None, DecodeSettings(method="ar"), prompt, tokens=40)
+        decoder = Decoder(engine.target.lm, engine.drafter(), settings, SamplingParams(temperature=0),
+                          DRAFTING_PROFILE if settings.tree == "auto" else None)
+        steps = list(decoder.stream(prompt, 40, torch.Generator().manual_seed(0)))
+        assert [t for s in steps for t in s.emitted] == plain, (message, settings)
+        if settings.tree == "auto":  # plain steps and drafted ones, mixed as the planner saw fit
+            assert {s.shape for s in steps} > {"plain"} or all(s.shape != "plain" for s in steps)
+        else:
+            assert len(steps) < plain_steps
 
 
 def test_the_shipped_draft_is_not_offered_to_transformers(default_engine):

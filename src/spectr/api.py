@@ -45,15 +45,16 @@ class Engine:
     def cost_profile(self, max_length: int = MAX_AUTO_LENGTH, refresh: bool = False) -> CostProfile:
         """What a step costs here (planner.py), for tree 'auto': measured once per machine, model, draft and
         thread count (~1 s), then read from spectr's cache folder."""
-        from spectr import __version__
-        from spectr.checks import machine
+        slot = (max_length, torch.get_num_threads())  # the machine itself does not change under a process
+        if refresh or slot not in self._profiles:
+            from spectr import __version__
+            from spectr.checks import machine
 
-        key = (f"{self.describe()} | {machine().describe()} | threads {torch.get_num_threads()} | "
-               f"L {max_length} | spectr {__version__}")
-        if refresh or key not in self._profiles:
-            self._profiles[key] = cached_profile(key, lambda: measure_profile(
+            key = (f"{self.describe()} | {machine().describe()} | threads {slot[1]} | L {max_length} | "
+                   f"spectr {__version__}")
+            self._profiles[slot] = cached_profile(key, lambda: measure_profile(
                 self.target.lm, self.drafter(), max_length, description=self.describe(paths=False)), refresh)
-        return self._profiles[key]
+        return self._profiles[slot]
 
     @property
     def tokenizer(self):
