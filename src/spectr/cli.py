@@ -41,8 +41,9 @@ K = typer.Option(None, "-k", help="Number of drafts (iid) or expansions a level 
                                   "the shape (default: auto).")
 L = typer.Option(None, "-L", help="Tokens per draft (iid), levels (dynamic), the longest path (auto; default 6).")
 TREE = typer.Option(None, "--tree", help="auto (default: one path a step, its length chosen from this machine's "
-                                         "measured costs and the acceptance so far), iid (k drafts of L tokens) "
-                                         "or dynamic (the --budget nodes the draft is surest of).")
+                                         "measured costs and the acceptance so far), iid (k drafts of L tokens), "
+                                         "dynamic (the --budget nodes the draft is surest of) or greedy (k − 1 "
+                                         "likeliest tokens and one drawn from the rest, L levels).")
 BUDGET = typer.Option(None, "--budget", min=1, help="Nodes of a dynamic tree (default k·L).")
 TEMPERATURE = typer.Option(1.0, "--temperature", help="0 = greedy.")
 TOP_K = typer.Option(0, "--top-k", help="0 = off.")

@@ -30,8 +30,9 @@ from spectr.walk import walk
 METHODS = ("ar", "sd", "spectr")
 # "iid": k drafts of L tokens sampled i.i.d. and merged (SpecTr); "dynamic": the `budget` nodes the draft is
 # most confident in, L levels deep, k expansions a level (EAGLE-2; drafters/dynamic.py); "auto": one draft
-# path a step, its length (0 = a plain step) up to L chosen from measured cost and acceptance (planner.py).
-TREES = ("iid", "dynamic", "auto")
+# path a step, its length (0 = a plain step) up to L chosen from measured cost and acceptance (planner.py);
+# "greedy": k − 1 chosen children and one drawn from the rest a level, L levels (drafters/greedy.py).
+TREES = ("iid", "dynamic", "auto", "greedy")
 _NO_ROWS = torch.tensor([], dtype=torch.long)  # logit_indices: hidden states only
 
 # The (k, L) of a fixed (iid) shape when the caller gives only one of them or names the tree alone (with no
@@ -74,12 +75,15 @@ class DecodeSettings:
         if self.tree == "auto" and not (self.rule is None or RULES[self.rule].max_candidates == 1):
             raise InvalidInputError(f"tree 'auto' drafts one path a step: rule '{self.rule}' needs several drafts "
                                     "(use 'block' or 'standard', or leave it unset)")
+        if self.tree == "greedy" and self.rule not in (None, "standard"):
+            raise InvalidInputError(f"rule '{self.rule}' does not apply to a greedy tree: it has one drawn child a "
+                                    "level, judged by the standard rule (leave the rule unset)")
         if self.budget is not None and self.tree != "dynamic":
             raise InvalidInputError("budget sets the nodes of a dynamic tree; it needs tree 'dynamic'")
         if self.rule is not None and self.rule not in RULES:
             raise InvalidInputError(f"rule must be one of {', '.join(RULES)}, got '{self.rule}'")
         most = RULES[self.rule_name].max_candidates
-        if most is not None and self.num_drafts > most:
+        if most is not None and self.num_drafts > most and self.tree != "greedy":  # greedy: one drawn a level
             raise InvalidInputError(f"rule '{self.rule_name}' takes one draft; got k = {self.k} (use 'kseq')")
 
     @property
@@ -88,7 +92,7 @@ class DecodeSettings:
             return self.rule
         if self.tree == "auto":
             return "block"
-        return "standard" if self.method == "sd" else "kseq"
+        return "standard" if self.method == "sd" or self.tree == "greedy" else "kseq"
 
     @property
     def num_drafts(self) -> int:
@@ -289,6 +293,10 @@ class Decoder:
             tree = self.drafter.propose(text, settings.num_drafts, settings.length, self.params, generator,
                                         budget=budget)
             return tree, f"dynamic k={settings.num_drafts} L={settings.length} n={budget}"
+        if settings.tree == "greedy":
+            tree = self.drafter.propose(text, settings.num_drafts, settings.length, self.params, generator,
+                                        greedy=True)
+            return tree, f"greedy k={settings.num_drafts} L={settings.length}"
         tree = self.drafter.propose(text, settings.num_drafts, settings.length, self.params, generator)
         return tree, f"L={settings.length}" if settings.num_drafts == 1 else f"k={settings.num_drafts} L={settings.length}"
 

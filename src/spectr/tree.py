@@ -26,6 +26,9 @@ class DraftTree:
     paths: Tensor  # [k, L] node of draft i at depth j + 1
     draft_probs: Tensor | None  # [n + 1, V] q at the root (row 0) and below each node (row 1 + i);
     # None for deterministic proposals (n-gram lookups)
+    sampled: Tensor | None = None  # [n] bool: the node was drawn from its parent's row; None: every node was.
+    # A tree may mix drawn children with chosen ones (greedy trees): the rule sees the drawn ones only, the
+    # chosen ones are reached when the rule's residual draw lands on them.
 
     @property
     def num_nodes(self) -> int:
@@ -40,6 +43,8 @@ class DraftTree:
 
     def candidates(self, context: int) -> Tensor:
         """Next tokens of the drafts through `context` (−1 = root, else a node), in draft order. [k']"""
+        if self.sampled is not None:
+            return self.tokens[(self.parents == context) & self.sampled]
         if context < 0:
             return self.tokens[self.paths[:, 0]]
         hits = self.paths == context  # [k, L]: a node sits in one column, its depth - 1

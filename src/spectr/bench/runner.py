@@ -72,6 +72,7 @@ class BenchConfig:
     grid_length: tuple[int, ...] = (2, 4, 6)
     rules_at: tuple[int, int] = (4, 4)  # (k, L) where the other rules are compared with K-SEQ
     dynamic_at: tuple[tuple[int, int, int], ...] = ((2, 2, 3), (2, 4, 6), (4, 4, 12))  # (k, L, nodes) of dynamic trees
+    greedy_at: tuple[tuple[int, int], ...] = ((2, 2), (3, 2), (4, 3))  # (k, L) of greedy trees
     peers: bool = True
     seed: int = 0
     compared_drafts: tuple[str, ...] = ()  # labels of other drafts run through the same grid (`run_bench`)
@@ -99,6 +100,8 @@ def spectr_methods(config: BenchConfig) -> list[Method]:
     for k, length, nodes in config.dynamic_at:
         methods.append(Method(f"spectr dynamic k={k} L={length} n={nodes}", "spectr", "spectr", None, k, length,
                               tree="dynamic", budget=nodes))
+    for k, length in config.greedy_at:
+        methods.append(Method(f"spectr greedy k={k} L={length}", "spectr", "spectr", None, k, length, tree="greedy"))
     return methods
 
 

@@ -20,11 +20,12 @@ class Drafter(Protocol):
 
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
-        budget: int | None = None,
+        budget: int | None = None, greedy: bool = False,
     ) -> DraftTree:
         """k draft continuations of `length` tokens after `text` (which ends with the tree's root); with a
         node `budget`, a dynamic tree instead (drafters/dynamic.py): `length` levels deep, k expansions and
-        children a level, the `budget` nodes the draft is most confident in."""
+        children a level, the `budget` nodes the draft is most confident in; with `greedy`, a greedy tree
+        (drafters/greedy.py): k − 1 chosen children and one drawn a level, along the likeliest path."""
 
     def commit(self, path: list[int]) -> None:
         """The walk accepted these nodes of the last tree: keep only them (and the text before)."""

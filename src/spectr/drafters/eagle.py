@@ -20,6 +20,7 @@ node budget the tree is grown from the head's confidence instead
 import torch
 
 from spectr.drafters.dynamic import grow_dynamic_tree, ranking_params
+from spectr.drafters.greedy import grow_greedy_tree
 from spectr.drafters.model import grow_tree
 from spectr.processing import SamplingParams, logits_to_probs
 from spectr.tree import DraftTree, tree_attention_mask
@@ -54,7 +55,7 @@ class EagleDrafter:
 
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
-        budget: int | None = None,
+        budget: int | None = None, greedy: bool = False,
     ) -> DraftTree:
         root = len(text) - 1
         if self.known < root:
@@ -81,10 +82,12 @@ class EagleDrafter:
             outputs.extend(node_out.hidden[0])
             return logits_to_probs(node_out.logits[0], law)
 
-        law = params if budget is None else ranking_params(params)
+        law = params if budget is None and not greedy else ranking_params(params)
         root_probs = logits_to_probs(out.logits[0], law)[0]
         if budget is not None:
             return grow_dynamic_tree(root_probs, k, length, budget, forward_nodes)[0]
+        if greedy:
+            return grow_greedy_tree(root_probs, k, length, generator, forward_nodes)[0]
         return grow_tree(root_probs, k, length, generator, forward_nodes)[0]
 
     def commit(self, path: list[int]) -> None:

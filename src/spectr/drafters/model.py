@@ -13,6 +13,7 @@ import itertools
 import torch
 
 from spectr.drafters.dynamic import grow_dynamic_tree, ranking_params
+from spectr.drafters.greedy import grow_greedy_tree
 from spectr.processing import SamplingParams, logits_to_probs
 from spectr.sampling import sample_categorical
 from spectr.tree import DraftTree, tree_attention_mask
@@ -73,7 +74,7 @@ class ModelDrafter:
 
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
-        budget: int | None = None,
+        budget: int | None = None, greedy: bool = False,
     ) -> DraftTree:
         pending = torch.tensor(text[self.cached :], dtype=torch.long)  # at least the root
         out = self.lm.forward(
@@ -82,7 +83,7 @@ class ModelDrafter:
         )
         self.cached = self._base = len(text)
 
-        law = params if budget is None else ranking_params(params)
+        law = params if budget is None and not greedy else ranking_params(params)
 
         def forward_nodes(new, tokens, parents, depth):
             # The i-th node run sits in cache slot base + i.
@@ -94,6 +95,9 @@ class ModelDrafter:
         root_probs = logits_to_probs(out.logits[0], law)[0]
         if budget is not None:
             tree, self._slots = grow_dynamic_tree(root_probs, k, length, budget, forward_nodes)
+            return tree
+        if greedy:
+            tree, self._slots = grow_greedy_tree(root_probs, k, length, generator, forward_nodes)
             return tree
         tree, forwarded = grow_tree(root_probs, k, length, generator, forward_nodes)
         self._slots = [node if node < forwarded else -1 for node in range(tree.num_nodes)]  # leaves never ran

@@ -39,7 +39,7 @@ class NgramDrafter:
 
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
-        budget: int | None = None,
+        budget: int | None = None, greedy: bool = False,
     ) -> DraftTree:
         """Up to k continuations of `length` tokens (deterministic already: a node budget changes nothing)."""
         proposals = self.continuations(text, k, length)
