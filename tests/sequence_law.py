@@ -24,6 +24,28 @@ def tree_for(text, sequences, target: LookupTableLM, draft: LookupTableLM):
     return tree, torch.stack(target_rows)
 
 
+def tree_target_rows(text, tree: DraftTree, target: LookupTableLM) -> torch.Tensor:
+    """p at the root and at every node of `tree` hung after `text`. [n + 1, V]"""
+    contexts = [(text[-2] if len(text) > 1 else None, text[-1])]
+    for node, parent in enumerate(tree.parents.tolist()):
+        contexts.append((contexts[parent + 1][1], int(tree.tokens[node])))
+    return torch.stack([target.next_probs(*c) for c in contexts])
+
+
+def mixed_first_tokens_law(text, n, target: LookupTableLM, trees, rule) -> dict[tuple[int, ...], float]:
+    """The law of the first n tokens when each step's tree comes from trees(text): [(tree, probability)]."""
+    law: dict[tuple[int, ...], float] = {}
+    for tree, weight in trees(list(text)):
+        for emitted, p in walk_law(tree, tree_target_rows(text, tree, target), rule).items():
+            if len(emitted) >= n:
+                law[emitted[:n]] = law.get(emitted[:n], 0.0) + weight * p
+                continue
+            for tail, q in mixed_first_tokens_law(list(text) + list(emitted), n - len(emitted), target, trees,
+                                                  rule).items():
+                law[emitted + tail] = law.get(emitted + tail, 0.0) + weight * p * q
+    return law
+
+
 def sequence_probability(model: LookupTableLM, text, sequence) -> float:
     probability, context = 1.0, list(text)
     for token in sequence:

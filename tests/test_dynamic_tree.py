@@ -11,11 +11,10 @@ from spectr.errors import InvalidInputError
 from spectr.models import native_forward
 from spectr.processing import SamplingParams
 from spectr.rules import RULES
-from spectr.walk import walk_law
 from tests.decoder_law import check_decoder_law, law_target, perturbed_copy
 from tests.lookup import LookupTableLM
 from tests.models.tiny import tiny_model
-from tests.sequence_law import assert_same_law, sequence_probability, target_law
+from tests.sequence_law import assert_same_law, mixed_first_tokens_law, target_law
 from tests.stats import P_VALUE_THRESHOLD
 
 
@@ -81,31 +80,22 @@ def test_leaf_paths():
     assert leaf_paths([]).shape == (0, 0)
 
 
-def dynamic_first_tokens_law(text, n, target, draft, width, depth, budget):
-    """The law of the first n tokens when every step's tree is the dynamic tree of a lookup draft."""
-    drafter = ModelDrafter(draft)
-    drafter.reset(64)
-    tree = drafter.propose(list(text), width, depth, SamplingParams(temperature=1.0), None, budget=budget)
-    contexts = [(text[-2] if len(text) > 1 else None, text[-1])]
-    for node, parent in enumerate(tree.parents.tolist()):
-        contexts.append((contexts[parent + 1][1], int(tree.tokens[node])))
-    target_rows = torch.stack([target.next_probs(*c) for c in contexts])
-    law: dict[tuple[int, ...], float] = {}
-    for emitted, p in walk_law(tree, target_rows, RULES["kseq"]).items():
-        if len(emitted) >= n:
-            law[emitted[:n]] = law.get(emitted[:n], 0.0) + p
-        else:
-            rest = dynamic_first_tokens_law(list(text) + list(emitted), n - len(emitted), target, draft, width, depth,
-                                            budget)
-            for tail, q in rest.items():
-                law[emitted + tail] = law.get(emitted + tail, 0.0) + p * q
-    return law
+def dynamic_trees(draft: LookupTableLM, width: int, depth: int, budget: int):
+    """trees(text) for mixed_first_tokens_law: the one dynamic tree the model drafter grows after `text`."""
+
+    def trees(text):
+        drafter = ModelDrafter(draft)
+        drafter.reset(64)
+        return [(drafter.propose(text, width, depth, SamplingParams(temperature=1.0), None, tree="dynamic",
+                                 budget=budget), 1.0)]
+
+    return trees
 
 
 @pytest.mark.parametrize("width,depth,budget", [(1, 2, 2), (2, 2, 3), (2, 3, 6), (3, 2, 9)])
 def test_first_tokens_follow_the_target(width, depth, budget):
     target, draft = LookupTableLM.random(4, seed=1), LookupTableLM.random(4, seed=2)
-    got = dynamic_first_tokens_law([0, 2], 4, target, draft, width, depth, budget)
+    got = mixed_first_tokens_law([0, 2], 4, target, dynamic_trees(draft, width, depth, budget), RULES["kseq"])
     assert_same_law(got, target_law([0, 2], 4, target))
 
 

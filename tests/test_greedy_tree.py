@@ -14,11 +14,10 @@ from spectr.errors import InvalidInputError
 from spectr.models import native_forward
 from spectr.processing import SamplingParams
 from spectr.rules import RULES
-from spectr.walk import walk_law
 from tests.decoder_law import check_decoder_law, law_target, perturbed_copy
 from tests.lookup import LookupTableLM
 from tests.models.tiny import tiny_model
-from tests.sequence_law import assert_same_law, target_law
+from tests.sequence_law import assert_same_law, mixed_first_tokens_law, target_law
 from tests.stats import P_VALUE_THRESHOLD
 
 
@@ -50,21 +49,8 @@ def trees_with_weights(text, draft: LookupTableLM, k: int, length: int, monkeypa
 
 
 def greedy_first_tokens_law(text, n, target, draft, k, length, monkeypatch):
-    law: dict[tuple[int, ...], float] = {}
-    for tree, weight in trees_with_weights(text, draft, k, length, monkeypatch):
-        contexts = [(text[-2], text[-1])]
-        for node, parent in enumerate(tree.parents.tolist()):
-            contexts.append((contexts[parent + 1][1], int(tree.tokens[node])))
-        rows = torch.stack([target.next_probs(*c) for c in contexts])
-        for emitted, p in walk_law(tree, rows, RULES["standard"]).items():
-            if len(emitted) >= n:
-                law[emitted[:n]] = law.get(emitted[:n], 0.0) + weight * p
-            else:
-                rest = greedy_first_tokens_law(list(text) + list(emitted), n - len(emitted), target, draft, k, length,
-                                               monkeypatch)
-                for tail, q in rest.items():
-                    law[emitted + tail] = law.get(emitted + tail, 0.0) + weight * p * q
-    return law
+    return mixed_first_tokens_law(text, n, target, lambda t: trees_with_weights(t, draft, k, length, monkeypatch),
+                                  RULES["standard"])
 
 
 @pytest.mark.parametrize("k,length", [(1, 2), (2, 1), (2, 2), (3, 2)])
@@ -146,5 +132,6 @@ def test_every_token_follows_the_target_with_both_drafters(tmp_path):
 
 def test_settings():
     assert DecodeSettings(k=3, length=2, tree="greedy").rule_name == "standard"
-    with pytest.raises(InvalidInputError, match="does not apply to a greedy tree"):
-        DecodeSettings(k=3, length=2, tree="greedy", rule="kseq")
+    assert DecodeSettings(k=3, length=2, tree="greedy", rule="kseq").rule_candidates == 1  # K-SEQ of one: standard
+    with pytest.raises(InvalidInputError, match="judges one draft path"):
+        DecodeSettings(k=3, length=2, tree="greedy", rule="block")

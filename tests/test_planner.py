@@ -141,7 +141,8 @@ def test_every_token_follows_the_target_with_both_drafters(tmp_path):
 
 def test_settings_for_auto():
     assert DecodeSettings(tree="auto").rule_name == "block" and DecodeSettings(tree="auto", k=4).num_drafts == 1
-    with pytest.raises(InvalidInputError, match="needs several drafts"):
-        DecodeSettings(tree="auto", rule="kseq")
+    assert DecodeSettings(tree="auto", rule="standard").rule_candidates == 1
+    with pytest.raises(InvalidInputError, match="takes one draft"):
+        DecodeSettings(k=2, tree="iid", rule="block")
     with pytest.raises(InvalidInputError, match="needs method 'sd' or 'spectr'"):
         DecodeSettings(method="ar", tree="auto")

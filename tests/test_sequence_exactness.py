@@ -14,7 +14,7 @@ from spectr.rules.block import BlockPlan
 from spectr.tree import DraftTree
 from spectr.walk import walk, walk_law
 from tests.lookup import LookupTableLM
-from tests.sequence_law import assert_same_law, first_tokens_law, target_law, tree_for
+from tests.sequence_law import assert_same_law, first_tokens_law, mixed_first_tokens_law, target_law, tree_for
 from tests.stats import P_VALUE_THRESHOLD, chi_square_pvalue
 
 PROMPT = [0, 2]
@@ -90,24 +90,6 @@ def test_walk_samples_follow_walk_law():
     assert chi_square_pvalue(samples, torch.tensor([law[key] for key in keys], dtype=torch.float64)) > P_VALUE_THRESHOLD
 
 
-def ngram_first_tokens_law(text, n, target, drafter, k, length):
-    """The law of the first n tokens when every tree comes from the (deterministic) n-gram drafter."""
-    tree = drafter.propose(list(text), k, length, params=None, generator=None)
-    contexts = [(text[-2] if len(text) > 1 else None, text[-1])]
-    for node, parent in enumerate(tree.parents.tolist()):
-        contexts.append((contexts[parent + 1][1], int(tree.tokens[node])))
-    target_rows = torch.stack([target.next_probs(*c) for c in contexts])
-    law: dict[tuple[int, ...], float] = {}
-    for emitted, p in walk_law(tree, target_rows, RULES["kseq"]).items():
-        if len(emitted) >= n:
-            law[emitted[:n]] = law.get(emitted[:n], 0.0) + p
-        else:
-            rest = ngram_first_tokens_law(list(text) + list(emitted), n - len(emitted), target, drafter, k, length)
-            for tail, q in rest.items():
-                law[emitted + tail] = law.get(emitted + tail, 0.0) + p * q
-    return law
-
-
 @pytest.mark.parametrize("k,length", [(1, 2), (3, 2)])
 def test_ngram_drafts_keep_the_target_law(k, length):
     """Point-mass (n-gram) drafts: the prompt repeats, so trees with several branches really occur."""
@@ -117,5 +99,6 @@ def test_ngram_drafts_keep_the_target_law(k, length):
     prompt = [0, 1, 2, 0, 1, 3, 0, 1]
     drafter = NgramDrafter()
     assert drafter.propose(prompt, 3, 2, None, None).num_nodes >= 3
-    got = ngram_first_tokens_law(prompt, 4, target, drafter, k, length)
+    got = mixed_first_tokens_law(prompt, 4, target, lambda text: [(drafter.propose(text, k, length, None, None), 1.0)],
+                                 RULES["kseq"])
     assert_same_law(got, target_law(prompt, 4, target))

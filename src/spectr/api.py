@@ -220,10 +220,12 @@ def decode_settings(method: str = "spectr", rule: str | None = None, k: int | No
     the missing one from the bench's best shape for the temperature.
     """
     if tree is None:
-        tree = "iid" if (k is not None or L is not None or budget is not None or method == "ar"
-                         or (rule is not None and rule not in ("standard", "block"))) else "auto"
         if budget is not None:
             tree = "dynamic"
+        elif k is None and L is None and method != "ar" and rule in (None, "standard", "block"):
+            tree = "auto"
+        else:
+            tree = "iid"
     if tree == "auto":
         if k not in (None, 1):
             raise InvalidInputError(f"tree 'auto' drafts one path a step; k = {k} needs tree 'iid' or 'dynamic'")

@@ -72,19 +72,16 @@ class DecodeSettings:
                 "verified by sampling the target and following the tree (leave the rule unset)")
         if self.tree == "auto" and self.method == "ar":
             raise InvalidInputError("tree 'auto' chooses how much to draft: it needs method 'sd' or 'spectr'")
-        if self.tree == "auto" and not (self.rule is None or RULES[self.rule].max_candidates == 1):
-            raise InvalidInputError(f"tree 'auto' drafts one path a step: rule '{self.rule}' needs several drafts "
-                                    "(use 'block' or 'standard', or leave it unset)")
-        if self.tree == "greedy" and self.rule not in (None, "standard"):
-            raise InvalidInputError(f"rule '{self.rule}' does not apply to a greedy tree: it has one drawn child a "
-                                    "level, judged by the standard rule (leave the rule unset)")
         if self.budget is not None and self.tree != "dynamic":
             raise InvalidInputError("budget sets the nodes of a dynamic tree; it needs tree 'dynamic'")
         if self.rule is not None and self.rule not in RULES:
             raise InvalidInputError(f"rule must be one of {', '.join(RULES)}, got '{self.rule}'")
-        most = RULES[self.rule_name].max_candidates
-        if most is not None and self.num_drafts > most and self.tree != "greedy":  # greedy: one drawn a level
+        rule = RULES[self.rule_name]
+        if rule.max_candidates is not None and self.rule_candidates > rule.max_candidates:
             raise InvalidInputError(f"rule '{self.rule_name}' takes one draft; got k = {self.k} (use 'kseq')")
+        if rule.path_level and not (self.tree == "auto" or (self.tree == "iid" and self.num_drafts == 1)):
+            raise InvalidInputError(f"rule '{self.rule_name}' judges one draft path: it needs tree 'auto', or "
+                                    f"tree 'iid' with one draft (got tree '{self.tree}', k = {self.k})")
 
     @property
     def rule_name(self) -> str:
@@ -97,6 +94,12 @@ class DecodeSettings:
     @property
     def num_drafts(self) -> int:
         return 1 if self.method == "sd" or self.tree == "auto" else self.k
+
+    @property
+    def rule_candidates(self) -> int:
+        """Most candidates the rule judges at one node: every draft for i.i.d. drafts; one drawn child a level
+        for greedy trees; one draft for auto."""
+        return self.num_drafts if self.tree == "iid" else 1
 
     @property
     def node_budget(self) -> int | None:
@@ -288,17 +291,14 @@ class Decoder:
             if length == 0:  # a plain step: the target alone (the drafter is not asked, nor told)
                 return _PLAIN, "plain"
             return self.drafter.propose(text, 1, length, self.params, generator), f"L={length}"
-        budget = settings.node_budget
-        if budget is not None:
-            tree = self.drafter.propose(text, settings.num_drafts, settings.length, self.params, generator,
-                                        budget=budget)
-            return tree, f"dynamic k={settings.num_drafts} L={settings.length} n={budget}"
-        if settings.tree == "greedy":
-            tree = self.drafter.propose(text, settings.num_drafts, settings.length, self.params, generator,
-                                        greedy=True)
-            return tree, f"greedy k={settings.num_drafts} L={settings.length}"
-        tree = self.drafter.propose(text, settings.num_drafts, settings.length, self.params, generator)
-        return tree, f"L={settings.length}" if settings.num_drafts == 1 else f"k={settings.num_drafts} L={settings.length}"
+        k, length = settings.num_drafts, settings.length
+        if settings.tree == "iid":  # the plain call: every drafter takes it
+            return self.drafter.propose(text, k, length, self.params, generator), (
+                f"L={length}" if k == 1 else f"k={k} L={length}")
+        tree = self.drafter.propose(text, k, length, self.params, generator, tree=settings.tree,
+                                    budget=settings.node_budget)
+        nodes = f" n={settings.node_budget}" if settings.node_budget else ""
+        return tree, f"{settings.tree} k={k} L={length}{nodes}"
 
 
 _PLAIN = DraftTree(tokens=torch.empty(0, dtype=torch.long), parents=torch.empty(0, dtype=torch.long),

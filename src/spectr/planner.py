@@ -35,6 +35,8 @@ import time
 import torch
 
 from spectr.errors import InvalidInputError
+from spectr.processing import SamplingParams
+from spectr.tree import tree_attention_mask, tree_positions
 
 MAX_AUTO_LENGTH = 6  # the longest path `auto` considers: beyond it a step costs more than it can gain here
 PRIOR_ACCEPTANCE = 0.4  # the acceptance assumed before anything is observed (≈ the shipped draft's)
@@ -67,9 +69,6 @@ def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context:
     """Time the target over 1..max_length + 1 new tokens and the drafter over paths of 1..max_length on a
     context of `context` tokens, each the fastest of `repeats` (the machine is shared: the minimum is the
     cost, the rest is noise). The drafter proposes as in decoding: one new text token before each proposal."""
-    from spectr.processing import SamplingParams
-    from spectr.tree import tree_attention_mask, tree_positions
-
     vocab = target.config.vocab_size
     text = [(7 * i + 3) % vocab for i in range(context + max_length * (repeats + 1) + 4)]
     no_rows = torch.tensor([], dtype=torch.long)

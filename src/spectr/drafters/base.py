@@ -20,12 +20,12 @@ class Drafter(Protocol):
 
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
-        budget: int | None = None, greedy: bool = False,
+        tree: str = "iid", budget: int | None = None,
     ) -> DraftTree:
-        """k draft continuations of `length` tokens after `text` (which ends with the tree's root); with a
-        node `budget`, a dynamic tree instead (drafters/dynamic.py): `length` levels deep, k expansions and
-        children a level, the `budget` nodes the draft is most confident in; with `greedy`, a greedy tree
-        (drafters/greedy.py): k − 1 chosen children and one drawn a level, along the likeliest path."""
+        """k draft continuations of `length` tokens after `text` (which ends with the tree's root), or another
+        kind of tree (decoding.TREES, built by drafters/shapes.py): 'dynamic', `length` levels deep, k
+        expansions and children a level, the `budget` nodes the draft is surest of; 'greedy', k − 1 chosen
+        children and one drawn a level, along the likeliest path."""
 
     def commit(self, path: list[int]) -> None:
         """The walk accepted these nodes of the last tree: keep only them (and the text before)."""

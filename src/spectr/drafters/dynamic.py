@@ -40,7 +40,7 @@ def grow_dynamic_tree(root_probs: torch.Tensor, width: int, depth: int, budget: 
     root_probs [V]: the draft's ranking law at the root. forward_nodes(new, tokens, parents, level) runs the
     nodes `new` (indices into tokens/parents, the nodes run so far, in the order they were run; all at
     depth level + 1) through the draft and returns their ranking law [n, V] — the contract of
-    drafters.model.grow_tree, so a drafter's cache slots follow the run order.
+    drafters.iid.grow_tree, so a drafter's cache slots follow the run order.
     Returns (tree, slots): slots[node] is the node's index in run order, or −1 for a node never run.
     """
     # Candidates: every node ever proposed. Each has a token, a parent candidate (−1: the root), a path

@@ -12,17 +12,14 @@ tokens are re-entered next time with the target's features.
 Slots: entry j sits in slot j − 1 (there is no entry 0: x_0 has no previous
 feature), so a cache over c committed entries ends with the root x_c.
 The k drafts are drawn i.i.d. from the head's distribution at each node and
-drafts through the same node share it (`grow_tree`, as ModelDrafter); with a
-node budget the tree is grown from the head's confidence instead
-(drafters/dynamic.py).
+drafts through the same node share it (drafters/iid.py, as ModelDrafter); the
+other tree kinds come from the same builder (drafters/shapes.py).
 """
 
 import torch
 
-from spectr.drafters.dynamic import grow_dynamic_tree, ranking_params
-from spectr.drafters.greedy import grow_greedy_tree
-from spectr.drafters.model import grow_tree
-from spectr.processing import SamplingParams, logits_to_probs
+from spectr.drafters.shapes import grow_shape
+from spectr.processing import SamplingParams
 from spectr.tree import DraftTree, tree_attention_mask
 
 
@@ -55,7 +52,7 @@ class EagleDrafter:
 
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
-        budget: int | None = None, greedy: bool = False,
+        tree: str = "iid", budget: int | None = None,
     ) -> DraftTree:
         root = len(text) - 1
         if self.known < root:
@@ -72,7 +69,7 @@ class EagleDrafter:
         root_slot = self.cache.length - 1
         outputs = [out.hidden[0, -1]]  # the head's predicted feature at each forwarded node (root first)
 
-        def forward_nodes(new, tokens, parents, depth):
+        def forward_logits(new, tokens, parents, depth):
             mask = tree_attention_mask(torch.tensor(parents), cached=root_slot)[1 + new]
             parent_outputs = torch.stack([outputs[1 + parents[node]] for node in new.tolist()])
             node_out = self.lm.forward(
@@ -80,15 +77,9 @@ class EagleDrafter:
                 features=parent_outputs[None],
             )
             outputs.extend(node_out.hidden[0])
-            return logits_to_probs(node_out.logits[0], law)
+            return node_out.logits[0]
 
-        law = params if budget is None and not greedy else ranking_params(params)
-        root_probs = logits_to_probs(out.logits[0], law)[0]
-        if budget is not None:
-            return grow_dynamic_tree(root_probs, k, length, budget, forward_nodes)[0]
-        if greedy:
-            return grow_greedy_tree(root_probs, k, length, generator, forward_nodes)[0]
-        return grow_tree(root_probs, k, length, generator, forward_nodes)[0]
+        return grow_shape(tree, out.logits[0, 0], params, k, length, generator, forward_logits, budget)[0]
 
     def commit(self, path: list[int]) -> None:
         # Draft entries read predicted features: drop them; the accepted tokens come back with the

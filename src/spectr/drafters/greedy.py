@@ -28,7 +28,7 @@ from spectr.tree import DraftTree
 def grow_greedy_tree(root_probs: torch.Tensor, k: int, length: int, generator: torch.Generator, forward_nodes):
     """The greedy tree of `length` levels, k children a level. root_probs [V]: q at the root.
 
-    forward_nodes(new, tokens, parents, level): drafters.model.grow_tree's contract, over the nodes run so far
+    forward_nodes(new, tokens, parents, level): drafters.iid.grow_tree's contract, over the nodes run so far
     (the spine, in order). Returns (tree, slots): slots[node] its index in run order, −1 if never run.
     """
     tokens: list[int] = []

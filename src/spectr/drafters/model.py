@@ -12,50 +12,9 @@ import itertools
 
 import torch
 
-from spectr.drafters.dynamic import grow_dynamic_tree, ranking_params
-from spectr.drafters.greedy import grow_greedy_tree
-from spectr.processing import SamplingParams, logits_to_probs
-from spectr.sampling import sample_categorical
+from spectr.drafters.shapes import grow_shape
+from spectr.processing import SamplingParams
 from spectr.tree import DraftTree, tree_attention_mask
-
-
-def grow_tree(root_probs, k: int, length: int, generator: torch.Generator, forward_nodes) -> tuple[DraftTree, int]:
-    """Sample k i.i.d. drafts of `length` tokens, depth by depth, merged into a prefix tree.
-
-    root_probs [V]: q at the root. forward_nodes(new, tokens, parents, depth) runs the nodes `new`
-    (indices into tokens/parents, all at `depth`) through the draft and returns their q rows [n, V].
-    Returns the tree (leaves carry zero rows: they were never run) and how many nodes were run.
-    """
-    rows = [root_probs]
-    tokens: list[int] = []
-    parents: list[int] = []
-    paths = torch.empty(k, length, dtype=torch.long)
-    drawn = sample_categorical(root_probs[None], generator, num_samples=k)[0]  # [k] i.i.d. from q(root)
-    for depth in range(length):
-        first_new = len(tokens)
-        seen: dict[tuple[int, int], int] = {}
-        for draft in range(k):
-            key = (int(paths[draft, depth - 1]) if depth else -1, int(drawn[draft]))
-            if key not in seen:
-                seen[key] = len(tokens)
-                tokens.append(key[1])
-                parents.append(key[0])
-            paths[draft, depth] = seen[key]
-        if depth == length - 1:
-            break
-        rows.extend(forward_nodes(torch.arange(first_new, len(tokens)), tokens, parents, depth))
-        node_rows = torch.stack(rows)[1 + paths[:, depth]]  # [k, V] q below each draft's node
-        drawn = sample_categorical(node_rows, generator)[:, 0]
-    forwarded = len(rows) - 1
-    leaves = len(tokens) - forwarded
-    draft_probs = torch.cat([torch.stack(rows), root_probs.new_zeros(leaves, root_probs.shape[0])])
-    tree = DraftTree(
-        tokens=torch.tensor(tokens, dtype=torch.long),
-        parents=torch.tensor(parents, dtype=torch.long),
-        paths=paths,
-        draft_probs=draft_probs,
-    )
-    return tree, forwarded
 
 
 class ModelDrafter:
@@ -74,7 +33,7 @@ class ModelDrafter:
 
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
-        budget: int | None = None, greedy: bool = False,
+        tree: str = "iid", budget: int | None = None,
     ) -> DraftTree:
         pending = torch.tensor(text[self.cached :], dtype=torch.long)  # at least the root
         out = self.lm.forward(
@@ -83,25 +42,15 @@ class ModelDrafter:
         )
         self.cached = self._base = len(text)
 
-        law = params if budget is None and not greedy else ranking_params(params)
-
-        def forward_nodes(new, tokens, parents, depth):
+        def forward_logits(new, tokens, parents, depth):
             # The i-th node run sits in cache slot base + i.
             mask = tree_attention_mask(torch.tensor(parents), cached=self._base - 1)[1 + new]
             positions = torch.full((new.numel(),), self._base + depth)
-            logits = self.lm.forward(torch.tensor(tokens)[new][None], positions, self.cache, mask).logits[0]
-            return logits_to_probs(logits, law)
+            return self.lm.forward(torch.tensor(tokens)[new][None], positions, self.cache, mask).logits[0]
 
-        root_probs = logits_to_probs(out.logits[0], law)[0]
-        if budget is not None:
-            tree, self._slots = grow_dynamic_tree(root_probs, k, length, budget, forward_nodes)
-            return tree
-        if greedy:
-            tree, self._slots = grow_greedy_tree(root_probs, k, length, generator, forward_nodes)
-            return tree
-        tree, forwarded = grow_tree(root_probs, k, length, generator, forward_nodes)
-        self._slots = [node if node < forwarded else -1 for node in range(tree.num_nodes)]  # leaves never ran
-        return tree
+        drafted, self._slots = grow_shape(tree, out.logits[0, 0], params, k, length, generator, forward_logits,
+                                          budget)
+        return drafted
 
     def commit(self, path: list[int]) -> None:
         # The nodes of a path that went through the draft are a prefix of it (only a node run has children).

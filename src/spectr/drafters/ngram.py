@@ -39,9 +39,9 @@ class NgramDrafter:
 
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
-        budget: int | None = None, greedy: bool = False,
+        tree: str = "iid", budget: int | None = None,
     ) -> DraftTree:
-        """Up to k continuations of `length` tokens (deterministic already: a node budget changes nothing)."""
+        """Up to k continuations of `length` tokens (deterministic already: the tree kind changes nothing)."""
         proposals = self.continuations(text, k, length)
         if not proposals:
             empty = torch.empty(0, dtype=torch.long)
