@@ -20,7 +20,7 @@ from tests.stats import P_VALUE_THRESHOLD
 # (method, k, L): block verification differs from the standard rule only past the first draft token, so
 # it is tested on paths of 3.
 SHAPES = {"standard": ("sd", 1, 2), "kseq": ("spectr", 2, 2), "specinfer": ("spectr", 2, 2), "rsd": ("spectr", 2, 2),
-          "block": ("sd", 1, 3)}
+          "block": ("sd", 1, 3), "importance": ("spectr", 2, 2)}
 PROCESSING = {
     "T=0.7": SamplingParams(temperature=0.7),
     "top-k": SamplingParams(temperature=1.0, top_k=8),
@@ -31,7 +31,7 @@ PROCESSING = {
 # every rule's fault at p < 1e-4; the other settings and the head need more tokens than a default run
 # affords (measured: 14 of the 24 cells reject at these counts, the rest reach p 1e-4..0.05).
 # Block verification's fault (every stop chance 5 % higher) is rejected at p 4e-5 with 60 streams of L = 3.
-FAULT_STREAMS = {"standard": 25, "kseq": 60, "specinfer": 60, "rsd": 25, "block": 60}
+FAULT_STREAMS = {"standard": 25, "kseq": 60, "specinfer": 60, "rsd": 25, "block": 60, "importance": 60}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_a_near_fault_is_rejected(models, rule):
 
 # Every other cell, with 3x the tokens (RSD 5x), opt-in: `pytest -m slow` (~15 min here). Measured:
 # each rejects the near fault, at p 4e-5 (EAGLE head, top-p, K-SEQ) to 1e-25.
-SLOW_FAULT_STREAMS = {"standard": 75, "kseq": 180, "specinfer": 180, "rsd": 125, "block": 180}
+SLOW_FAULT_STREAMS = {"standard": 75, "kseq": 180, "specinfer": 180, "rsd": 125, "block": 180, "importance": 180}
 
 
 @pytest.mark.slow

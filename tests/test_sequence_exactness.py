@@ -26,6 +26,7 @@ CASES = [  # (rule, k, L, vocab): V = 3 only where V = 4 would enumerate 4^(k·L
     ("kseq", 1, 2, 4), ("kseq", 2, 1, 4), ("kseq", 2, 2, 4), ("kseq", 3, 1, 4), ("kseq", 3, 2, 3),
     ("specinfer", 2, 2, 4), ("specinfer", 3, 1, 4),
     ("rsd", 2, 2, 4), ("rsd", 3, 1, 4),
+    ("importance", 2, 1, 4), ("importance", 2, 2, 4), ("importance", 3, 2, 3),
     ("block", 1, 1, 4), ("block", 1, 2, 4), ("block", 1, 3, 4), ("block", 1, 4, 3),
 ]
 

@@ -24,7 +24,7 @@ def test_output_law_is_target(rule_name, k, vocab):
             assert closed_form == pytest.approx(acceptance, abs=1e-9), case
 
 
-@pytest.mark.parametrize("rule_name", ["kseq", "specinfer", "rsd"])
+@pytest.mark.parametrize("rule_name", ["kseq", "specinfer", "rsd", "importance"])
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
     data=st.data(),

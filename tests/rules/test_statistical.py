@@ -26,7 +26,8 @@ STAT_CASES = {
     "one-hot draft": (_pair([0.5, 0.3, 0.2], [1, 1, 1])[0], one_hot(3, 1)),
     "one-hot target": (one_hot(4, 2), _pair([1, 1, 1, 1], [1, 1, 1, 1])[1]),
 }
-RULE_KS = [("standard", 1), ("kseq", 2), ("kseq", 4), ("specinfer", 2), ("specinfer", 4), ("rsd", 2), ("rsd", 3)]
+RULE_KS = [("standard", 1), ("kseq", 2), ("kseq", 4), ("specinfer", 2), ("specinfer", 4), ("rsd", 2), ("rsd", 3),
+            ("importance", 2), ("importance", 4)]
 
 
 def _run(rule: Rule, target, draft, k: int, seed: int):

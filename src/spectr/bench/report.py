@@ -36,9 +36,10 @@ def best_sd(result: dict, temperature: float, suite: str = "all", draft: str = "
 
 
 def best_beyond_kseq(result: dict, temperature: float, suite: str = "all", draft: str = "") -> dict | None:
-    """The fastest fixed shape of the newer methods: block verification, dynamic and greedy trees."""
+    """The fastest fixed shape of the newer methods: block verification, the two-step importance rule,
+    dynamic and greedy trees."""
     rows = [r for r in _rows(result, suite, temperature)
-            if (r["rule"] == "block" or r.get("tree", "iid") in ("dynamic", "greedy")) and r.get("draft", "") == draft]
+            if (r["rule"] in ("block", "importance") or r.get("tree", "iid") in ("dynamic", "greedy")) and r.get("draft", "") == draft]
     return max(rows, key=lambda r: r["tokens_per_second"], default=None)
 
 

@@ -92,8 +92,9 @@ def spectr_methods(config: BenchConfig) -> list[Method]:
             methods.append(Method(f"spectr block L={length}{tag}", "spectr", "sd", "block", 1, length, draft))
             for k in config.grid_k:
                 if k > 1:
-                    methods.append(Method(f"spectr kseq k={k} L={length}{tag}", "spectr", "spectr", "kseq", k,
-                                          length, draft))
+                    for rule in ("kseq", "importance"):  # the two-step rule on K-SEQ's very trees
+                        methods.append(Method(f"spectr {rule} k={k} L={length}{tag}", "spectr", "spectr", rule, k,
+                                              length, draft))
     k, length = config.rules_at
     for rule in ("specinfer", "rsd"):
         methods.append(Method(f"spectr {rule} k={k} L={length}", "spectr", "spectr", rule, k, length))
@@ -326,8 +327,11 @@ def summarize(records: list[Record], methods: list[Method]) -> list[dict]:
     return rows
 
 
+COUPLED_RULES = ("kseq", "specinfer", "importance")  # rules with a closed-form acceptance from (p, q, k)
+
+
 def rules_vs_optimal(engine, prompts: list[Prompt], temperatures: tuple[float, ...], ks=(1, 2, 4, 8),
-                     tokens: int = 48, seed: int = 0) -> dict:
+                     tokens: int = 48, seed: int = 0, rules: tuple[str, ...] = COUPLED_RULES) -> dict:
     """First-token acceptance of each rule, exact from (p, q) at real positions, and α*.
 
     Positions: the target's own samples (T = 1) after each prompt; q is the drafter's distribution at
@@ -354,10 +358,10 @@ def rules_vs_optimal(engine, prompts: list[Prompt], temperatures: tuple[float, .
                 q = q.double()
                 pairs[temperature].append((p, q / q.sum()))  # float64 throughout: bounds compare exactly
     for temperature, items in pairs.items():
-        curves: dict[str, dict[int, float]] = {"α*": {}, "kseq": {}, "specinfer": {}}
+        curves: dict[str, dict[int, float]] = {"α*": {}, **{rule: {} for rule in rules}}
         for k in ks:
             curves["α*"][k] = sum(optimal_acceptance(p, q, k) for p, q in items) / len(items)
-            for rule in ("kseq", "specinfer"):
+            for rule in rules:
                 curves[rule][k] = sum(RULES[rule].acceptance_probability(p, q, k)
                                       for p, q in items) / len(items)
         result[f"{temperature:g}"] = curves

@@ -12,6 +12,7 @@ See base.py for the glossary and each rule's module for its algorithm.
 
 from spectr.rules.base import Rule, SelectionPlan
 from spectr.rules.block import BlockRule
+from spectr.rules.importance import ImportanceRule
 from spectr.rules.kseq import KSeqRule, kseq_rho_star
 from spectr.rules.optimal import TransportPlan, optimal_acceptance, optimal_transport_plan
 from spectr.rules.rsd import RecursiveRule
@@ -19,12 +20,14 @@ from spectr.rules.specinfer import SpecInferRule
 from spectr.rules.standard import StandardRule
 
 RULES: dict[str, Rule] = {
-    rule.name: rule for rule in (StandardRule(), KSeqRule(), SpecInferRule(), RecursiveRule(), BlockRule())
+    rule.name: rule
+    for rule in (StandardRule(), KSeqRule(), SpecInferRule(), RecursiveRule(), BlockRule(), ImportanceRule())
 }
 
 __all__ = [
     "RULES",
     "BlockRule",
+    "ImportanceRule",
     "KSeqRule",
     "RecursiveRule",
     "Rule",
