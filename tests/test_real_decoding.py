@@ -106,8 +106,9 @@ DRAFTING_PROFILE = CostProfile(target_seconds=tuple(0.010 + 0.001 * n for n in r
 @pytest.mark.parametrize("settings", [DecodeSettings(method="sd", rule="block", length=4),
                                       DecodeSettings(k=2, length=4, tree="dynamic", budget=6),
                                       DecodeSettings(tree="auto", length=4),
-                                      DecodeSettings(k=3, length=3, tree="greedy")],
-                         ids=["block", "dynamic", "auto", "greedy"])
+                                      DecodeSettings(k=3, length=3, tree="greedy"),
+                                      DecodeSettings(k=3, length=3, rule="importance")],
+                         ids=["block", "dynamic", "auto", "greedy", "importance"])
 def test_greedy_equals_greedy_decoding_with_every_tree(default_engine, settings):
     engine = default_engine
     for message in CHAT_PROMPTS[:2]:

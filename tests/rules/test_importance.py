@@ -8,8 +8,7 @@ import torch
 
 from spectr.rules import RULES, Rule, SelectionPlan, optimal_acceptance
 from spectr.rules.base import normalize_or
-from spectr.rules.importance import (ImportanceRule, _importance_order, eligibility, pick_chances, selection_law,
-                                     sequential_accepts)
+from spectr.rules.importance import ImportanceRule, eligibility, sequential_accepts
 from spectr.rules.base import ratio_accept_probs
 from tests.rules.cases import distribution_pairs, exact_output_law
 from tests.rules.test_statistical import STAT_CASES, _run
@@ -29,28 +28,34 @@ def test_worked_example():
     assert RULE.acceptance_probability(target, draft, 2) == pytest.approx(0.75) == optimal_acceptance(target, draft, 2)
 
 
-def _enumerated_pick_law(target, draft, k, tau):
+def _enumerated_pick_law(step, draft, k):
     """Step 1's token law summed over every candidate tuple, from the per-tuple pick chances."""
-    order, rank, sorted_ratio = _importance_order(target[None], draft[None])
-    sorted_a = eligibility(sorted_ratio, torch.tensor([tau])).double()
-    a = torch.empty_like(sorted_a).scatter_(-1, order, sorted_a)[0]
-    law = torch.zeros_like(target)
+    law = torch.zeros_like(draft)
     support = torch.nonzero(draft > 0).flatten().tolist()
     for tuple_ in itertools.product(support, repeat=k):
         candidates = torch.tensor([tuple_])
-        chance = pick_chances(a[candidates], rank[0][candidates])[0]
+        chance = step.pick_chances(candidates)[0]
         assert float(chance.sum()) == pytest.approx(1.0)
         law.scatter_add_(0, candidates[0], draft[candidates[0]].prod() * chance)
-    return law, (order, sorted_ratio)
+    return law
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-@pytest.mark.parametrize("tau", [0.0, 0.7, 2.0])
-def test_closed_form_selection_law_is_the_enumerated_one(k, tau):
+@pytest.mark.parametrize("tau,mix", [(0.0, 0.0), (0.7, 0.0), (2.0, 0.0), (0.7, 0.5), (0.0, 1.0)])
+def test_closed_form_selection_law_is_the_enumerated_one(k, tau, mix):
+    rule = ImportanceRule(thresholds=(tau / k,), mixtures=(mix,))
     for case, target, draft in distribution_pairs(4, num_random=12):
-        enumerated, ratio_order = _enumerated_pick_law(target, draft, k, tau)
-        closed = selection_law(draft[None], ratio_order, torch.tensor([tau], dtype=torch.float64), k)[0]
-        torch.testing.assert_close(closed, enumerated, atol=1e-12, rtol=0, msg=lambda m: f"{case}: {m}")
+        step = rule.step_one(target[None], draft[None], k)
+        assert float(step.tau[0]) == pytest.approx(tau) and float(step.mix[0]) == mix
+        torch.testing.assert_close(step.law[0], _enumerated_pick_law(step, draft, k), atol=1e-12, rtol=0,
+                                   msg=lambda m: f"{case}: {m}")
+
+
+def test_identical_laws_are_always_accepted():
+    """p = q: only λ = 1 (take the first candidate, law q) reaches α* = 1; the scan alone would not."""
+    for case, target, _ in distribution_pairs(6):
+        for k in (2, 4):
+            assert RULE.acceptance_probability(target, target, k) == pytest.approx(1.0, abs=1e-6), case
 
 
 def test_k_one_is_the_standard_rule():
@@ -69,7 +74,7 @@ def test_never_above_the_optimum_and_the_grid_is_used(data, vocab, k):
     alpha = RULE.acceptance_probability(target, draft, k)
     assert alpha <= optimal_acceptance(target, draft, k) + 1e-12
     # From k = 3 the chosen τ is the best of the grid: no single threshold does better.
-    for tau in (0.0, 1.0, 2.0) if k >= 3 else ():
+    for tau in (0.0, 0.25, 0.5) if k >= 3 else ():  # as τ / k
         assert ImportanceRule(thresholds=(tau,)).acceptance_probability(target, draft, k) <= alpha + 1e-6  # scored in fp32
 
 
@@ -90,7 +95,7 @@ class StepTwoAgainstDraft(Rule):
 
     def plan(self, target_probs, draft_probs, candidates):
         target, draft = target_probs.double(), draft_probs.double()
-        pick = pick_chances(*RULE.step_one(target, draft, candidates.shape[-1]).of_candidates(candidates))
+        pick = RULE.step_one(target, draft, candidates.shape[-1]).pick_chances(candidates)
         keep = ratio_accept_probs(target.gather(-1, candidates), draft.gather(-1, candidates))
         residual = normalize_or((target - draft).clamp_min(0), target)
         return SelectionPlan(sequential_accepts(pick * keep), residual)
@@ -107,8 +112,10 @@ class FallbackToFirst(Rule):
     def plan(self, target_probs, draft_probs, candidates):
         target, draft = target_probs.double(), draft_probs.double()
         step = RULE.step_one(target, draft, candidates.shape[-1])
+        assert bool((step.mix == 0).all()) and bool((step.tau > 0).all())  # where the fallback matters
         law = step.law
-        a, r = step.of_candidates(candidates)
+        r = step.rank.gather(-1, candidates)
+        a = eligibility(step.sorted_ratio.gather(-1, r), step.tau).double()
         position = torch.argsort(r, dim=-1, stable=True)
         sorted_a = a.gather(-1, position)
         none_before = torch.cumprod(torch.cat([torch.ones_like(sorted_a[:, :1]), 1 - sorted_a[:, :-1]], -1), -1)

@@ -25,11 +25,15 @@ so each factor is one candidate's chance raised to the k-th power.
 
 τ = 0 picks the candidate of largest weight, a vertex of the set of laws any
 selection can have; its s exceeds p on the heaviest tokens once k is large,
-and thinning (τ > 0) moves mass down the order. τ depends only on (p, q), so
-picking per node the τ on a small grid with the largest Σ min(p, s) keeps the
-rule exact. On the default target's chat contexts (T = 1) this reaches
-0.9997 / 0.998 / 0.991 / 0.976 of the optimal α* for k = 2 / 3 / 4 / 6 where
-K-SEQ reaches 0.974 / 0.964 / 0.959 / 0.954 (`spectr study rules`).
+and thinning (τ > 0) moves mass down the order. Where p ≈ q the best step 1
+is no scan at all but the first candidate (s = q), so with chance λ step 1
+takes it outright: s = λq + (1 − λ)·s_scan. τ and λ depend only on (p, q), so
+picking per node the pair on a small grid with the largest Σ min(p, s) keeps
+the rule exact. On the default target's chat contexts (T = 1) this reaches
+0.999 / 0.995 / 0.989 / 0.973 of the optimal α* for k = 2 / 3 / 4 / 6 where
+K-SEQ reaches 0.975 / 0.967 / 0.961 / 0.956 (`spectr study rules`); at k = 8
+the two are about even (0.96). On random pairs over small vocabularies it is
+the worse of the two (0.943 of α* against 0.967, same study).
 
 Worked example: p = [1, 0], q = [½, ½], k = 2, τ = 0: token 0 comes first and
 is chosen whenever it is drawn, s = [¾, ¼], acceptance Σ min(p, s) = ¾ = α*.
@@ -44,10 +48,17 @@ from torch import Tensor
 from spectr.rules.base import Rule, SelectionPlan, normalize_or, ratio_accept_probs
 from spectr.rules.checks import check_num_candidates, check_pair
 
-# The thresholds τ tried at every node. Measured on the default target's chat contexts (T = 1): the best τ
-# is ~0 for k ≤ 3 and 1–2 for k = 4..6; a finer grid gains < 0.1 % of α* and costs a pass over V per value.
-# At k = 2 the grid never beat τ = 0 there (0.9985 of α* either way), so two candidates skip it.
-THINNING_GRID = (0.0, 1.0, 2.0)
+# The thresholds tried at every node, as τ / k. Measured on the default target's chat contexts (T = 1), as a
+# fraction of α*: the best single τ is ~0 for k ≤ 3, ~k/4 for k = 4..6 and ~k/3 for k = 8; this grid reaches
+# 0.993 / 0.987 / 0.972 / 0.960 for k = 3 / 4 / 6 / 8 where the best τ per node would reach 0.994 / 0.988 /
+# 0.973 / 0.963. Each value costs a pass over V. At k = 2 the grid never beat τ = 0 there (0.9985 of α*
+# either way), so two candidates skip it.
+THINNING_GRID = (0.0, 0.25, 0.5)
+# λ: with this chance step 1 takes the first candidate outright (law q), else it scans. Where p ≈ q the scan
+# alone is poor (its s leans to the heavy-weight tokens; at p = q only λ = 1 reaches α* = 1): on random
+# small-vocabulary pairs the rule fell below K-SEQ in 41 of 72 cells of `spectr study rules` without it, and
+# still does in 35 (mean 0.943 of α* vs K-SEQ's 0.967): its strength is the long-tailed laws of a real model.
+MIXTURE_GRID = (0.0, 0.5, 1.0)
 GRID_FROM_K = 3
 
 
@@ -99,42 +110,47 @@ def sorted_selection_law(sorted_draft: Tensor, sorted_eligible: Tensor, k: int) 
     return law.clamp_(min=0)
 
 
-def selection_law(draft: Tensor, ratio_order: tuple[Tensor, Tensor], tau: Tensor, k: int) -> Tensor:
-    """s, the law of step 1's pick in token order, for q [N, V], (order, sorted ratio) and τ [N]."""
-    order, sorted_ratio = ratio_order
-    law = sorted_selection_law(draft.gather(-1, order), eligibility(sorted_ratio, tau.float()).to(draft.dtype), k)
-    return torch.empty_like(law).scatter_(-1, order, law)
+def best_step(target: Tensor, draft: Tensor, order: Tensor, sorted_ratio: Tensor, k: int,
+              thresholds=THINNING_GRID, mixtures=MIXTURE_GRID) -> tuple[Tensor, Tensor, Tensor]:
+    """Per node, the τ of k·`thresholds` and λ of `mixtures` with the largest Σ min(p, s), p, q [N, V].
 
-
-def best_thresholds(target: Tensor, draft: Tensor, order: Tensor, sorted_ratio: Tensor, k: int,
-                    thresholds=THINNING_GRID) -> tuple[Tensor, Tensor]:
-    """Per node, the τ of `thresholds` with the largest Σ min(p, s), p, q [N, V]; returns τ [N] and its s
-    in importance order, both in float32 (decoding's dtype: there that s is the one used)."""
-    grid = torch.tensor(thresholds).expand(target.shape[0], -1)  # [N, G]
-    laws = sorted_selection_law(draft.gather(-1, order).float(), eligibility(sorted_ratio, grid), k)  # [N, G, V]
-    acceptance = torch.minimum(target.gather(-1, order).float()[:, None], laws).sum(-1)  # [N, G]
-    best = acceptance.argmax(-1)
+    Returns τ [N], λ [N] and that s in importance order, all float32 (decoding's dtype: there this s is
+    the one used; the choice only has to be a function of (p, q)).
+    """
     rows = torch.arange(target.shape[0])
-    return grid[rows, best], laws[rows, best]
+    taus = (k * torch.tensor(thresholds if k >= GRID_FROM_K else thresholds[:1])).expand(target.shape[0], -1)
+    q = draft.gather(-1, order).float()
+    scans = sorted_selection_law(q, eligibility(sorted_ratio, taus), k)  # [N, G, V]
+    p = target.gather(-1, order).float()[:, None, None]
+    lam = torch.tensor(mixtures)[None, None, :, None]  # [1, 1, M, 1]
+    laws = lam * q[:, None, None] + (1 - lam) * scans[:, :, None]  # [N, G, M, V]
+    acceptance = torch.minimum(p, laws).sum(-1).flatten(1)  # [N, G·M]
+    best = acceptance.argmax(-1)
+    tau_index, mix_index = best // len(mixtures), best % len(mixtures)
+    return taus[rows, tau_index], torch.tensor(mixtures)[mix_index], laws[rows, tau_index, mix_index]
 
 
 @dataclass(frozen=True)
 class StepOne:
-    """Step 1 at N nodes: the τ chosen, the importance order and the law of the pick."""
+    """Step 1 at N nodes: the τ and λ chosen, the importance order and the law of the pick."""
 
     tau: Tensor  # [N] float32
+    mix: Tensor  # [N] float32, λ: the chance that step 1 takes the first candidate outright
     rank: Tensor  # [N, V] each token's place in the importance order
     sorted_ratio: Tensor  # [N, V] p/q in that order (float32)
     law: Tensor  # [N, V] s in token order
 
-    def of_candidates(self, candidates: Tensor) -> tuple[Tensor, Tensor]:
-        """The candidates' a and ranks, [N, k] each."""
+    def pick_chances(self, candidates: Tensor) -> Tensor:
+        """Step 1's chance to pick each of the candidates [N, k]. Returns [N, k]."""
         rank = self.rank.gather(-1, candidates)
-        return eligibility(self.sorted_ratio.gather(-1, rank), self.tau).to(self.law.dtype), rank
+        eligible = eligibility(self.sorted_ratio.gather(-1, rank), self.tau).to(self.law.dtype)
+        chance = (1 - self.mix.to(self.law.dtype))[:, None] * pick_chances(eligible, rank)
+        chance[:, 0] += self.mix.to(self.law.dtype)
+        return chance
 
 
 def pick_chances(eligible: Tensor, rank: Tensor) -> Tensor:
-    """Step 1's chance to pick each candidate, from the candidates' a and ranks [N, k]. Returns [N, k].
+    """The scan's chance to pick each candidate, from the candidates' a and ranks [N, k]. Returns [N, k].
 
     In order of rank, candidate j is picked when it is eligible and none before it is; the last one
     also when none is eligible. Equal tokens have equal ranks and the same a, so their order is moot.
@@ -157,27 +173,28 @@ def sequential_accepts(take: Tensor) -> Tensor:
 class ImportanceRule(Rule):
     name = "importance"
 
-    def __init__(self, thresholds: tuple[float, ...] = THINNING_GRID):
-        self.thresholds = thresholds
+    def __init__(self, thresholds: tuple[float, ...] = THINNING_GRID, mixtures: tuple[float, ...] = MIXTURE_GRID):
+        self.thresholds = thresholds  # τ / k
+        self.mixtures = mixtures  # λ
 
     def step_one(self, target: Tensor, draft: Tensor, k: int) -> StepOne:
-        """τ per node and the law s of the pick, in the dtype of p and q [N, V]."""
+        """τ and λ per node and the law s of the pick, in the dtype of p and q [N, V]."""
         order, rank, sorted_ratio = _importance_order(target, draft)
-        if len(self.thresholds) == 1 or k < GRID_FROM_K:
-            tau, law = torch.full(target.shape[:1], float(self.thresholds[0])), None
-        else:
-            tau, law = best_thresholds(target, draft, order, sorted_ratio, k, self.thresholds)
-        if law is None or law.dtype != draft.dtype:  # float64 (tests, studies): s again at that precision
-            law = sorted_selection_law(draft.gather(-1, order), eligibility(sorted_ratio, tau).to(draft.dtype), k)
-        return StepOne(tau, rank, sorted_ratio, torch.empty_like(law).scatter_(-1, order, law))
+        tau, mix, law = best_step(target, draft, order, sorted_ratio, k, self.thresholds, self.mixtures)
+        if law.dtype != draft.dtype:  # float64 (tests, studies): s again at that precision
+            q = draft.gather(-1, order)
+            scan = sorted_selection_law(q, eligibility(sorted_ratio, tau).to(draft.dtype), k)
+            lam = mix.to(draft.dtype)[:, None]
+            law = lam * q + (1 - lam) * scan
+        return StepOne(tau, mix, rank, sorted_ratio, torch.empty_like(law).scatter_(-1, order, law))
 
     def plan(self, target_probs: Tensor, draft_probs: Tensor, candidates: Tensor) -> SelectionPlan:
         target, draft = target_probs, draft_probs
         step = self.step_one(target, draft, candidates.shape[-1])
-        pick = pick_chances(*step.of_candidates(candidates))
         keep = ratio_accept_probs(target.gather(-1, candidates), step.law.gather(-1, candidates))
         residual = normalize_or((target - step.law).clamp_min(0), target)
-        return SelectionPlan(accept_probs=sequential_accepts(pick * keep), residual_probs=residual)
+        return SelectionPlan(accept_probs=sequential_accepts(step.pick_chances(candidates) * keep),
+                             residual_probs=residual)
 
     def selection_law(self, target_probs: Tensor, draft_probs: Tensor, k: int) -> Tensor:
         """s for one node, p, q [V]: the law of step 1's pick (tests, studies)."""
