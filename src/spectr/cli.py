@@ -35,8 +35,8 @@ PRECISION = typer.Option(DEFAULT_PRECISION, "--precision",
                          help="native (the file's own quantization), fp32, bf16, int8 or int4 (re-quantized).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the target (fp32/bf16; ~40 s per shape bucket).")
 METHOD = typer.Option("spectr", "--method", help="ar (plain sampling), sd (one draft), spectr (k drafts).")
-RULE = typer.Option(None, "--rule", help="standard, kseq, specinfer, rsd, block or importance (default: block for the auto "
-                                          "tree, standard for sd, kseq).")
+RULE = typer.Option(None, "--rule", help="standard, kseq, specinfer, rsd, block or importance (default: block "
+                                          "for the auto tree, standard for sd, kseq).")
 K = typer.Option(None, "-k", help="Number of drafts (iid) or expansions a level (dynamic); giving k or L fixes "
                                   "the shape (default: auto).")
 L = typer.Option(None, "-L", help="Tokens per draft (iid), levels (dynamic), the longest path (auto; default 6).")

@@ -173,7 +173,8 @@ def sequential_accepts(take: Tensor) -> Tensor:
 class ImportanceRule(Rule):
     name = "importance"
 
-    def __init__(self, thresholds: tuple[float, ...] = THINNING_GRID, mixtures: tuple[float, ...] = MIXTURE_GRID):
+    def __init__(self, thresholds: tuple[float, ...] = THINNING_GRID,
+                 mixtures: tuple[float, ...] = MIXTURE_GRID):
         self.thresholds = thresholds  # τ / k
         self.mixtures = mixtures  # λ
 
@@ -189,8 +190,8 @@ class ImportanceRule(Rule):
         return StepOne(tau, mix, rank, sorted_ratio, torch.empty_like(law).scatter_(-1, order, law))
 
     def plan(self, target_probs: Tensor, draft_probs: Tensor, candidates: Tensor) -> SelectionPlan:
-        target, draft = target_probs, draft_probs
-        step = self.step_one(target, draft, candidates.shape[-1])
+        target = target_probs
+        step = self.step_one(target, draft_probs, candidates.shape[-1])
         keep = ratio_accept_probs(target.gather(-1, candidates), step.law.gather(-1, candidates))
         residual = normalize_or((target - step.law).clamp_min(0), target)
         return SelectionPlan(accept_probs=sequential_accepts(step.pick_chances(candidates) * keep),

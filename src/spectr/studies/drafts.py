@@ -140,18 +140,20 @@ def step_cost(engine: spectr.Engine, context: int = 200, repeats: int = 20) -> f
     return best(draft, getattr(draft, "feature_projection", None) is not None) / best(engine.target.lm, False)
 
 
+def tokens_per_pass(engine, prompts: list[list[int]], tokens: int, temperature: float, **options) -> float:
+    """Block efficiency: tokens emitted per target pass over `prompts` (token ids), prompt i seeded i."""
+    emitted = passes = 0
+    for index, ids in enumerate(prompts):
+        result = spectr.generate(engine, ids, temperature=temperature, max_new_tokens=tokens, seed=index,
+                                 **options)
+        emitted, passes = emitted + result.stats.new_tokens, passes + result.stats.steps
+    return emitted / passes
+
+
 def block_efficiency(engine, prompts: list[list[int]], tokens: int, temperature: float) -> dict:
-    table = {}
-    for k in KS:
-        for length in LENGTHS:
-            emitted, passes = 0, 0
-            for index, ids in enumerate(prompts):
-                result = spectr.generate(engine, ids, method="sd" if k == 1 else "spectr", k=k, L=length,
-                                         temperature=temperature, max_new_tokens=tokens, seed=index)
-                emitted += result.stats.new_tokens
-                passes += result.stats.steps
-            table[(k, length)] = emitted / passes
-    return table
+    return {(k, length): tokens_per_pass(engine, prompts, tokens, temperature,
+                                         method="sd" if k == 1 else "spectr", k=k, L=length)
+            for k in KS for length in LENGTHS}
 
 
 def run(drafts: dict[str, Path], samples: Path | None = None, quick: bool = False,

@@ -172,20 +172,18 @@ def real_contexts(prompts: int = 6, tokens: int = 48, ks: tuple[int, ...] = REAL
     import spectr  # noqa: PLC0415 (the random-pair part needs no model)
     from spectr.bench.runner import encode, rules_vs_optimal  # noqa: PLC0415
     from spectr.bench.suites import chat_prompts  # noqa: PLC0415
+    from spectr.studies.drafts import tokens_per_pass  # noqa: PLC0415
 
     engine = spectr.load()
     chat = chat_prompts(prompts)
     acceptance = rules_vs_optimal(engine, chat, REAL_TEMPERATURES, ks=ks, tokens=tokens)
     cells = [(rule, "spectr", k, length) for rule in DECODED_RULES for k, length in shapes]
     cells += [(rule, "sd", 1, max(length for _, length in shapes)) for rule in ONE_DRAFT_RULES]
+    ids = [encode(engine, prompt) for prompt in chat]
     efficiency: dict[str, dict[str, float]] = {}
     for rule, method, k, length in cells:
-        emitted = passes = 0
-        for index, prompt in enumerate(chat):
-            result = spectr.generate(engine, encode(engine, prompt), method=method, rule=rule, k=k, L=length,
-                                     temperature=1.0, max_new_tokens=tokens, seed=index)
-            emitted, passes = emitted + result.stats.new_tokens, passes + result.stats.steps
-        efficiency.setdefault(rule, {})[f"{k}x{length}"] = emitted / passes
+        efficiency.setdefault(rule, {})[f"{k}x{length}"] = tokens_per_pass(
+            engine, ids, tokens, 1.0, method=method, rule=rule, k=k, L=length)
         if progress is not None:
             progress()
     return RealContexts(prompts=len(chat), tokens=tokens, acceptance=acceptance, block_efficiency=efficiency)
