@@ -172,9 +172,33 @@ def sharp_support(logits: torch.Tensor, params: SamplingParams, margin: float = 
     return sharp
 
 
+def reference_probs(logits: torch.Tensor, text: list[int], prompt: int, params: SamplingParams) -> torch.Tensor:
+    """p after every prefix text[:t + 1] from one pass's logits [len(text) − 1, V], the logit bias and the
+    penalties applied from their definitions (counts of the generated tokens text[prompt : t + 1], the set of
+    every token in text[: t + 1]), written apart from processing.py's; then temperature, top-k, top-p."""
+    logits = logits.double().clone()
+    for token, bias in params.logit_bias:
+        logits[:, token] += bias
+    vocab = logits.shape[-1]
+    ones = torch.nn.functional.one_hot(torch.tensor(text[: logits.shape[0]]), vocab).double()  # token t at row t
+    seen = ones.cumsum(0) > 0
+    generated = ones.clone()
+    generated[: prompt] = 0
+    counts = generated.cumsum(0)
+    penalty = params.repetition_penalty
+    logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).double()
+    plain = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    return logits_to_probs(logits, plain).double()
+
+
 def check_decoder_law(target, drafter, settings: DecodeSettings, params: SamplingParams, rule: Rule | None = None,
-                      streams: int = 12, tokens: int = 200, seed: int = 0, profile=None) -> LawCheck:
-    """Generate `streams` texts of `tokens` tokens and test every emitted token against p(·|prefix)."""
+                      streams: int = 12, tokens: int = 200, seed: int = 0, profile=None,
+                      repeats: int = 0) -> LawCheck:
+    """Generate `streams` texts of `tokens` tokens and test every emitted token against p(·|prefix).
+
+    repeats: also split each category by whether the token is among the prefix's last `repeats` tokens
+    (where a penalty that miscounts a tree path moves mass)."""
     decoder = Decoder(target, drafter, settings, params, profile)
     if rule is not None:
         decoder.rule = rule
@@ -189,8 +213,10 @@ def check_decoder_law(target, drafter, settings: DecodeSettings, params: Samplin
             accepted += step.accepted
             steps += 1
         out = target.forward(torch.tensor([text[:-1]]), torch.arange(len(text) - 1), target.new_cache(len(text)))
-        target_probs = logits_to_probs(out.logits[0], params).double()  # [len − 1, V] p after text[:t + 1]
-        draft_probs = root_draft_probs(drafter, text, params, out.hidden[0]).double()
+        target_probs = reference_probs(out.logits[0], text, len(prompt), params)  # [len − 1, V] after text[:t + 1]
+        # q only sorts the draws into categories (any function of the prefix will do): without penalties
+        plain = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        draft_probs = root_draft_probs(drafter, text, plain, out.hidden[0]).double()
         rows = torch.arange(len(prompt) - 1, len(text) - 1)  # the generated tokens' prefixes
         rows = rows[~draft_probs[rows, 0].isnan()]
         emitted = torch.tensor(text)[rows + 1]
@@ -200,8 +226,15 @@ def check_decoder_law(target, drafter, settings: DecodeSettings, params: Samplin
         if bool((p.gather(-1, emitted[:, None]) == 0).any()):
             return LawCheck(0.0, emitted.numel(), accepted, steps)  # a token the target cannot emit
         bins = torch.bucketize((q / p).log2(), RATIO_EDGES.double())  # [n, V]; p = 0 entries carry no mass
+        if repeats:
+            kept = rows[sharp]
+            recent = torch.zeros_like(p, dtype=torch.bool)
+            for back in range(repeats):  # the prefix of row t ends with text[t], text[t − 1], ...
+                recent[torch.arange(kept.numel()), torch.tensor(text)[(kept - back).clamp(min=0)]] = True
+            bins = bins + (RATIO_EDGES.numel() + 1) * recent.long()
         categories.append(bins.gather(-1, emitted[:, None])[:, 0])
-        laws.append(torch.zeros(emitted.numel(), RATIO_EDGES.numel() + 1, dtype=torch.float64).scatter_add_(
+        laws.append(torch.zeros(emitted.numel(), (RATIO_EDGES.numel() + 1) * (2 if repeats else 1),
+                                dtype=torch.float64).scatter_add_(
             -1, bins, torch.where(p > 0, p, 0)))
     return LawCheck(pooled_chi_square_pvalue(torch.cat(categories), torch.cat(laws)),
                     sum(c.numel() for c in categories), accepted, steps)

@@ -8,6 +8,7 @@ tests every emitted token against the target's processed law at its prefix
 
 import pytest
 
+from spectr import decoding
 from spectr.decoding import DecodeSettings
 from spectr.drafters import EagleDrafter, ModelDrafter
 from spectr.drafters.trained import load_trained_draft
@@ -91,4 +92,32 @@ def test_a_near_fault_is_rejected_in_every_cell(models, drafter, processing, rul
     target, drafters = models
     faulty = check_decoder_law(target, drafters[drafter](), _settings(rule), PROCESSING[processing],
                                rule=near_fault(RULES[rule]), streams=SLOW_FAULT_STREAMS[rule])
+    assert faulty.pvalue < P_VALUE_THRESHOLD, faulty
+
+
+# Penalties and a logit bias read the text: a tree node's law counts the tokens on its path, for target and
+# draft alike (processing.py). Strong enough that the law at a node moves when its path repeats a token.
+PENALIZED = SamplingParams(temperature=1.0, presence_penalty=0.8, frequency_penalty=0.6, repetition_penalty=1.5,
+                           logit_bias=((5, 3.0), (17, -2.0)))
+PENALIZED_SHAPES = {"kseq": DecodeSettings(method="spectr", rule="kseq", k=2, length=3),
+                    "dynamic": DecodeSettings(method="spectr", k=2, length=3, tree="dynamic", budget=5),
+                    "block": DecodeSettings(method="sd", rule="block", k=1, length=3)}
+
+
+@pytest.mark.parametrize("shape", list(PENALIZED_SHAPES))
+@pytest.mark.parametrize("drafter", ["model", "eagle"])
+def test_penalized_tokens_follow_the_penalized_target(models, drafter, shape):
+    target, drafters = models
+    exact = check_decoder_law(target, drafters[drafter](), PENALIZED_SHAPES[shape], PENALIZED, streams=15,
+                              repeats=3)
+    assert exact.accepted > exact.steps
+    assert exact.pvalue > P_VALUE_THRESHOLD, exact
+
+
+def test_penalties_that_ignore_the_tree_path_are_rejected(models, monkeypatch):
+    """Negative control: the target's law at a node counted as at the root (its path's tokens left out)."""
+    target, drafters = models
+    monkeypatch.setattr(decoding, "tree_paths", lambda tree, rows: [[] for _ in rows])
+    faulty = check_decoder_law(target, drafters["model"](), PENALIZED_SHAPES["kseq"], PENALIZED, streams=15,
+                               repeats=3)
     assert faulty.pvalue < P_VALUE_THRESHOLD, faulty

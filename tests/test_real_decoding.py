@@ -134,3 +134,52 @@ def test_the_shipped_draft_is_not_offered_to_transformers(default_engine):
         default_engine.draft.hf_model
     reason = Peers(default_engine, None).unavailable(Method(name="hf assisted L=2", family="hf", kind="assisted", length=2))
     assert reason is not None and "transformers can load" in reason
+
+
+PENALTIES = dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.3)
+
+
+def test_greedy_with_penalties_equals_greedy_decoding_with_them(default_engine):
+    """Penalties count each tree node's path, in target and draft alike: greedy speculative text is still
+    greedy text, and the penalties change it."""
+    engine = default_engine
+    params = SamplingParams(temperature=0, logit_bias=((28, -5.0),), **PENALTIES)
+    for message in CHAT_PROMPTS[:2]:
+        prompt = encode_prompt(engine, message, chat=True)
+        plain = Decoder(engine.target.lm, None, DecodeSettings(method="ar"), params)
+        expected = [t for s in plain.stream(prompt, 40, torch.Generator().manual_seed(0)) for t in s.emitted]
+        unpenalized, _ = run(engine.target.lm, None, DecodeSettings(method="ar"), prompt, tokens=40)
+        assert expected != unpenalized
+        for settings in (DecodeSettings(k=2, length=3), DecodeSettings(k=2, length=3, tree="dynamic", budget=6)):
+            decoder = Decoder(engine.target.lm, engine.drafter(), settings, params)
+            steps = list(decoder.stream(prompt, 40, torch.Generator().manual_seed(0)))
+            assert [t for s in steps for t in s.emitted] == expected, (message, settings)
+            assert len(steps) < 40
+
+
+def test_logprobs_are_the_targets_processed_law_bit_for_bit(default_engine):
+    """Each emitted token's reported logprob (and top tokens) equals the processed law of a one-token pass at
+    its prefix, bit for bit at native precision: the verification pass's rows are the model's own."""
+    from dataclasses import replace
+
+    from spectr.processing import TokenHistory, logits_to_probs, token_logprob
+
+    engine = default_engine
+    lm = engine.target.lm
+    params = SamplingParams(temperature=0.8, top_k=40, **PENALTIES)
+    prompt = encode_prompt(engine, CHAT_PROMPTS[2], chat=True)
+    decoder = Decoder(lm, engine.drafter(), DecodeSettings(k=2, length=3), params, logprobs=3)
+    steps = list(decoder.stream(prompt, 32, torch.Generator().manual_seed(1)))
+    reported = [entry for step in steps for entry in step.logprobs]
+    emitted = [t for step in steps for t in step.emitted]
+    assert [entry.token for entry in reported] == emitted and max(s.accepted for s in steps) > 0
+    cache = lm.new_cache(len(prompt) + len(emitted) + 1)
+    lm.forward(torch.tensor([prompt[:-1]]), torch.arange(len(prompt) - 1), cache,
+               logit_indices=torch.tensor([], dtype=torch.long))
+    history = TokenHistory(lm.config.vocab_size, prompt)
+    law, text = replace(params, history=history), list(prompt)
+    for entry in reported:
+        logits = lm.forward(torch.tensor([[text[-1]]]), torch.tensor([len(text) - 1]), cache).logits[0]
+        assert token_logprob(logits_to_probs(logits, law)[0], entry.token, 3) == entry
+        text.append(entry.token)
+        history.extend([entry.token])

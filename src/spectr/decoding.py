@@ -11,7 +11,7 @@ bonus token; *block efficiency* is emitted tokens per target forward.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import time
 
 import torch
@@ -21,7 +21,7 @@ from spectr.drafters.base import capture_for, capture_kwargs
 from spectr.errors import ContextOverflowError, InvalidInputError, UnsupportedModelError
 from spectr.models.base import head_of
 from spectr.planner import CostProfile, PathPlanner
-from spectr.processing import SamplingParams, logits_to_probs
+from spectr.processing import SamplingParams, TokenHistory, TokenLogprob, logits_to_probs, node_paths, token_logprob
 from spectr.rules import RULES, Rule
 from spectr.sampling import sample_categorical
 from spectr.tree import DraftTree, tree_attention_mask, tree_positions
@@ -133,13 +133,16 @@ class StepStats:
     verify_seconds: float = 0.0
     select_seconds: float = 0.0
     shape: str = "plain"  # what was drafted: "plain" (nothing), "L=3", "k=2 L=3", "dynamic k=2 L=3 n=6"
+    logprobs: list[TokenLogprob] | None = None  # per emitted token, when the decoder was asked for them
 
     def truncate(self, count: int) -> None:
         """Keep the first `count` emitted tokens (a generation ended inside this step): the accepted
-        tokens and the levels counted are those among them."""
+        tokens, the levels counted and the logprobs are those among them."""
         self.emitted = self.emitted[:count]
         self.accepted = min(self.accepted, count)
         self.candidates_per_level = self.candidates_per_level[:count]
+        if self.logprobs is not None:
+            self.logprobs = self.logprobs[:count]
 
 
 class RowProbs:
@@ -148,8 +151,9 @@ class RowProbs:
     49k the head is the largest matmul of a step). A row's logits are the same bits either way.
     `seconds` is the time spent computing rows."""
 
-    def __init__(self, head, hidden: torch.Tensor, params: SamplingParams):
+    def __init__(self, head, hidden: torch.Tensor, params: SamplingParams, tree: DraftTree):
         self.head, self.hidden, self.params = head, hidden, params  # hidden [n + 1, D]
+        self.tree = tree  # its paths, for penalties (a node's law counts the tokens on its path)
         self.rows: dict[int, torch.Tensor] = {}
         self.seconds = 0.0
 
@@ -160,7 +164,8 @@ class RowProbs:
             raise InvalidInputError("RowProbs reads one row at a time, as target_probs[row : row + 1]")
         if row not in self.rows:
             start = time.perf_counter()
-            self.rows[row] = logits_to_probs(self.head(self.hidden[row : row + 1]), self.params)
+            paths = tree_paths(self.tree, [row]) if self.params.reads_history else None
+            self.rows[row] = logits_to_probs(self.head(self.hidden[row : row + 1]), self.params, paths)
             self.seconds += time.perf_counter() - start
         return self.rows[row]
 
@@ -176,12 +181,19 @@ def require_room(context: int, prompt_tokens: int, max_new_tokens: int, settings
     return needed
 
 
+def tree_paths(tree: DraftTree, rows: list[int]) -> list[list[int]]:
+    """What the contexts of tree rows (0: the root, 1 + i: node i) add to the text: the tokens of the path."""
+    return node_paths(tree.tokens.tolist(), tree.parents.tolist(), [row - 1 for row in rows])
+
+
 class Decoder:
     """Samples continuations of a prompt from `target`, exactly, with help from `drafter`."""
 
     def __init__(self, target, drafter: Drafter | None, settings: DecodeSettings, params: SamplingParams,
-                 profile: CostProfile | None = None):
-        """profile: the measured costs that tree 'auto' chooses by (planner.py; api.Engine.cost_profile)."""
+                 profile: CostProfile | None = None, logprobs: int | None = None):
+        """profile: the measured costs that tree 'auto' chooses by (planner.py; api.Engine.cost_profile).
+        logprobs: report each emitted token's log-probability under the target's processed law, with that
+        many of the likeliest tokens (0: the token's alone); None: none."""
         if settings.method != "ar" and drafter is None:
             raise InvalidInputError(f"method '{settings.method}' needs a drafter")
         self.planner = None
@@ -193,6 +205,8 @@ class Decoder:
         self.drafter = drafter
         self.settings = settings
         self.params = params
+        self._law = params  # params with this generation's TokenHistory when a penalty reads the text
+        self.logprobs = logprobs
         self.rule: Rule = RULES[settings.rule_name]
         # A drafter that reads the target's features (an EAGLE-style head) gets them for every
         # token the target has run: the prompt's, then the root's and the accepted path's after each step.
@@ -225,6 +239,8 @@ class Decoder:
         if self.drafter is not None:
             self.drafter.reset(needed + self.settings.draft_nodes - self.settings.tree_size)
         text = list(prompt)
+        history = TokenHistory(self.target.config.vocab_size, text) if self.params.reads_history else None
+        self._law = self.params if history is None else replace(self.params, history=history)
         if len(text) > 1:  # the last prompt token is the first root
             out = self.target.forward(
                 torch.tensor(text[:-1])[None], torch.arange(len(text) - 1), cache,
@@ -238,6 +254,8 @@ class Decoder:
             ends = [position + 1 for position, token in enumerate(stats.emitted) if token in stop_token_ids]
             stats.truncate(min(ends + [max_new_tokens - produced]))
             text.extend(stats.emitted)
+            if history is not None:
+                history.extend(stats.emitted)
             produced += len(stats.emitted)
             yield stats
             if stats.emitted[-1] in stop_token_ids:
@@ -249,10 +267,12 @@ class Decoder:
             start = time.perf_counter()
             logits = self.target.forward(torch.tensor([[text[-1]]]), torch.tensor([cached]), cache).logits[0]
             verified = time.perf_counter()
-            token = int(sample_categorical(logits_to_probs(logits, self.params), generator)[0, 0])
+            probs = logits_to_probs(logits, self._law)
+            token = int(sample_categorical(probs, generator)[0, 0])
             return StepStats(
                 emitted=[token], accepted=0, verify_seconds=verified - start,
                 select_seconds=time.perf_counter() - verified,
+                logprobs=None if self.logprobs is None else [token_logprob(probs[0], token, self.logprobs)],
             )
         start = time.perf_counter()
         tree, shape = self._propose(text, generator)
@@ -262,13 +282,18 @@ class Decoder:
         lazy = None  # the head's rows computed during the walk (verification work, timed as such)
         if self._head is None:
             out = self.target.forward(tokens, positions, cache, mask)
-            target_probs = logits_to_probs(out.logits[0], self.params)  # [n + 1, V]
+            paths = tree_paths(tree, list(range(tree.num_nodes + 1))) if self._law.reads_history else None
+            target_probs = logits_to_probs(out.logits[0], self._law, paths)  # [n + 1, V]
         else:
             out = self.target.forward(tokens, positions, cache, mask, logit_indices=_NO_ROWS,
                                       **self._capture_kwargs)
-            target_probs = lazy = RowProbs(self._head, out.hidden[0], self.params)
+            target_probs = lazy = RowProbs(self._head, out.hidden[0], self._law, tree)
         verified = time.perf_counter()
         emitted, path, levels = walk(tree, target_probs, self.rule, generator)
+        logprobs = None
+        if self.logprobs is not None:  # each emitted token's law: the root's row, then its accepted parent's
+            logprobs = [token_logprob(target_probs[row : row + 1][0], token, self.logprobs)
+                        for row, token in zip([0] + [1 + node for node in path], emitted)]
         head_seconds = 0.0 if lazy is None else lazy.seconds
         cache.commit(cached + 1, [cached + 1 + node for node in path])
         if tree is not _PLAIN:
@@ -280,7 +305,7 @@ class Decoder:
         return StepStats(
             emitted=emitted, accepted=len(path), candidates_per_level=levels, tree_nodes=tree.num_nodes,
             draft_seconds=drafted - start, verify_seconds=verified - drafted + head_seconds,
-            select_seconds=time.perf_counter() - verified - head_seconds, shape=shape,
+            select_seconds=time.perf_counter() - verified - head_seconds, shape=shape, logprobs=logprobs,
         )
 
     def _propose(self, text: list[int], generator: torch.Generator):
@@ -290,12 +315,12 @@ class Decoder:
             length = self.planner.choose()
             if length == 0:  # a plain step: the target alone (the drafter is not asked, nor told)
                 return _PLAIN, "plain"
-            return self.drafter.propose(text, 1, length, self.params, generator), f"L={length}"
+            return self.drafter.propose(text, 1, length, self._law, generator), f"L={length}"
         k, length = settings.num_drafts, settings.length
         if settings.tree == "iid":  # the plain call: every drafter takes it
-            return self.drafter.propose(text, k, length, self.params, generator), (
+            return self.drafter.propose(text, k, length, self._law, generator), (
                 f"L={length}" if k == 1 else f"k={k} L={length}")
-        tree = self.drafter.propose(text, k, length, self.params, generator, tree=settings.tree,
+        tree = self.drafter.propose(text, k, length, self._law, generator, tree=settings.tree,
                                     budget=settings.node_budget)
         nodes = f" n={settings.node_budget}" if settings.node_budget else ""
         return tree, f"{settings.tree} k={k} L={length}{nodes}"

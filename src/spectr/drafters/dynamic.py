@@ -21,6 +21,7 @@ runner-up tokens); the choice of nodes never changes what is emitted, only
 how many tokens a step keeps.
 """
 
+from dataclasses import replace
 import heapq
 
 import torch
@@ -30,8 +31,9 @@ from spectr.tree import DraftTree
 
 
 def ranking_params(params: SamplingParams) -> SamplingParams:
-    """The processing whose draft law ranks the nodes: the sampler's own, or T = 1 for greedy decoding."""
-    return SamplingParams(temperature=1.0) if params.temperature == 0 else params
+    """The processing whose draft law ranks the nodes: the sampler's own, or at T = 1 for greedy decoding
+    (its bias and penalties kept)."""
+    return replace(params, temperature=1.0) if params.temperature == 0 else params
 
 
 def grow_dynamic_tree(root_probs: torch.Tensor, width: int, depth: int, budget: int, forward_nodes):

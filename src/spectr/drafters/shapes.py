@@ -10,7 +10,7 @@ import torch
 from spectr.drafters.dynamic import grow_dynamic_tree, ranking_params
 from spectr.drafters.greedy import grow_greedy_tree
 from spectr.drafters.iid import grow_tree
-from spectr.processing import SamplingParams, logits_to_probs
+from spectr.processing import SamplingParams, logits_to_probs, node_paths
 from spectr.tree import DraftTree
 
 
@@ -24,7 +24,9 @@ def grow_shape(tree: str, root_logits: torch.Tensor, params: SamplingParams, k: 
     law = params if tree == "iid" else ranking_params(params)  # chosen nodes need a runner-up at T = 0
 
     def forward_nodes(new, tokens, parents, level):
-        return logits_to_probs(forward_logits(new, tokens, parents, level), law)
+        # With a penalty on, a node's law counts the tokens on its path too (processing.py).
+        paths = node_paths(tokens, parents, new.tolist()) if law.reads_history else None
+        return logits_to_probs(forward_logits(new, tokens, parents, level), law, paths)
 
     root_probs = logits_to_probs(root_logits[None], law)[0]
     if tree == "dynamic":
