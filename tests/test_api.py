@@ -107,3 +107,39 @@ def test_cli_chat_session(tiny_folder):
     result = CliRunner().invoke(app, ["chat", "--target", str(tiny_folder)], input="w3 w4\n\n")
     assert result.exit_code == 0
     assert "no chat template" in result.output  # the tiny tokenizer has none: said, and the loop goes on
+
+
+def test_one_settings_model_is_built_once_and_checked_by_name(engine):
+    from spectr.decoding import DEFAULT_SHAPE, DecodeSettings
+    from spectr.settings import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, GenerationSettings
+
+    settings = GenerationSettings.build()
+    assert settings.sampling.temperature == DEFAULT_TEMPERATURE and settings.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    assert settings.decode.tree == "auto" and settings.logprobs is None
+    assert (DecodeSettings().k, DecodeSettings().length) == DEFAULT_SHAPE["sampling"]
+    assert GenerationSettings.build(stop="w9").stop == ("w9",)
+    assert GenerationSettings.build(logit_bias={7: 1.0, 3: -2.0}).sampling.logit_bias == ((3, -2.0), (7, 1.0))
+    for options, name in [({"logprobs": 21}, "logprobs"), ({"max_new_tokens": 0}, "max_new_tokens"),
+                          ({"seed": "x"}, "seed"), ({"stop": [3]}, "stop"), ({"presence_penalty": 9}, "presence"),
+                          ({"k": 0}, "k")]:
+        with pytest.raises(InvalidInputError, match=name):
+            GenerationSettings.build(**options)
+    with pytest.raises(InvalidInputError, match="not both"):
+        list(spectr.stream(engine, PROMPT, settings, k=2))
+    fixed = GenerationSettings.build(k=2, L=3, seed=4, max_new_tokens=12, logprobs=2)
+    by_settings = spectr.generate(engine, PROMPT, fixed)
+    by_options = spectr.generate(engine, PROMPT, k=2, L=3, seed=4, max_new_tokens=12, logprobs=2)
+    assert by_settings.tokens == by_options.tokens and by_settings.logprobs == by_options.logprobs
+    assert [entry.token for entry in by_settings.logprobs] == by_settings.tokens
+    assert all(len(entry.top) == 2 for entry in by_settings.logprobs)
+
+
+def test_cli_penalties_reach_the_sample(tiny_folder, engine):
+    options = dict(seed=3, max_new_tokens=12, k=2, L=2)
+    result = CliRunner().invoke(app, ["generate", PROMPT, "--target", str(tiny_folder), "--draft", "ngram",
+                                      "--precision", "fp32", "--seed", "3", "--max-new-tokens", "12", "-k", "2",
+                                      "-L", "2", "--repetition-penalty", "1.5", "--presence-penalty", "1"])
+    assert result.exit_code == 0, result.output
+    penalized = spectr.generate(engine, PROMPT, repetition_penalty=1.5, presence_penalty=1.0, **options)
+    assert penalized.text != spectr.generate(engine, PROMPT, **options).text
+    assert result.stdout.startswith(penalized.text)

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from spectr.detokenize import IncrementalText
-from spectr.decoding import Decoder, DecodeSettings, StepStats, default_shape
+from spectr.decoding import Decoder, StepStats
 from spectr.planner import MAX_AUTO_LENGTH, CostProfile, cached_profile, measure_profile
 from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
 from spectr.models.loading import ModelSource, stop_token_ids
 from spectr.precisions import DEFAULT_DRAFT_PRECISION, DEFAULT_PRECISION
-from spectr.processing import SamplingParams
+from spectr.processing import TokenLogprob
+from spectr.settings import GenerationSettings
 
 NGRAM = "ngram"
 DEFAULT_DRAFT = "default"
@@ -194,6 +195,7 @@ class GenerationResult:
     tokens: list[int]
     stats: GenerationStats
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None  # per token, when asked for (logprobs=N)
 
 
 def encode_prompt(engine: Engine, prompt: str | list[int] | list[dict], chat: bool) -> list[int]:
@@ -212,60 +214,28 @@ def encode_prompt(engine: Engine, prompt: str | list[int] | list[dict], chat: bo
     return list(tokenizer(prompt, add_special_tokens=False).input_ids)
 
 
-def decode_settings(method: str = "spectr", rule: str | None = None, k: int | None = None, L: int | None = None,
-                    tree: str | None = None, budget: int | None = None, temperature: float = 1.0) -> DecodeSettings:
-    """The settings of one generation from what a caller gave (None: the default), for the API, CLI and server.
-
-    No shape at all: tree 'auto' up to MAX_AUTO_LENGTH. A k or L without a tree: that fixed shape ('iid'),
-    the missing one from the bench's best shape for the temperature.
-    """
-    if tree is None:
-        if budget is not None:
-            tree = "dynamic"
-        elif k is None and L is None and method != "ar" and rule in (None, "standard", "block"):
-            tree = "auto"
-        else:
-            tree = "iid"
-    if tree == "auto":
-        if k not in (None, 1):
-            raise InvalidInputError(f"tree 'auto' drafts one path a step; k = {k} needs tree 'iid' or 'dynamic'")
-        return DecodeSettings(method=method, rule=rule, k=1, length=MAX_AUTO_LENGTH if L is None else L, tree="auto")
-    default_k, default_length = default_shape(temperature)  # the bench's best shape for this temperature
-    return DecodeSettings(method=method, rule=rule, k=default_k if k is None else k,
-                          length=default_length if L is None else L, tree=tree, budget=budget)
-
-
-def stream(
-    engine: Engine,
-    prompt: str | list[int] | list[dict],
-    *,
-    method: str = "spectr",
-    rule: str | None = None,
-    k: int | None = None,
-    L: int | None = None,
-    tree: str | None = None,
-    budget: int | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    max_new_tokens: int = 128,
-    stop: list[str] | None = None,
-    chat: bool = False,
-) -> Iterator[Chunk]:
+def stream(engine: Engine, prompt: str | list[int] | list[dict], settings: GenerationSettings | None = None, *,
+           chat: bool = False, **options) -> Iterator[Chunk]:
     """Sample a continuation of `prompt` exactly from the target, streaming text as steps finish.
 
-    tree: 'auto' (one draft path a step, its length up to L chosen from this machine's measured costs and
-    the acceptance seen so far), 'iid' (k drafts of L tokens) or 'dynamic' (a node `budget`); by default
-    'auto', or 'iid' when k or L is given.
+    settings: a GenerationSettings, or none and its options as keywords (GenerationSettings.build: method,
+    rule, k, L, tree, budget, temperature, top_k, top_p, presence_penalty, frequency_penalty,
+    repetition_penalty, logit_bias, seed, max_new_tokens, stop, logprobs). The tree is 'auto' by default (one
+    draft path a step, its length up to L chosen from this machine's measured costs and the acceptance seen
+    so far), 'iid' (k drafts of L tokens) when k or L is given, or 'dynamic' (a node `budget`).
+    chat: wrap a text prompt in the chat template as one user turn (messages always are).
     """
-    settings = decode_settings(method, rule, k, L, tree, budget, temperature)
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    stops = [s for s in (stop or []) if s]
+    if settings is None:
+        settings = GenerationSettings.build(**options)
+    elif options:
+        raise InvalidInputError(f"give a GenerationSettings or its options, not both (got {', '.join(options)})")
+    decode, params, max_new_tokens, stops = settings.decode, settings.sampling, settings.max_new_tokens, settings.stop
+    seed = settings.seed
     ids = encode_prompt(engine, prompt, chat)
     generator = torch.Generator().manual_seed(random.randrange(2**63) if seed is None else seed)
-    profile = engine.cost_profile(settings.length) if settings.tree == "auto" else None
-    decoder = Decoder(engine.target.lm, engine.drafter() if method != "ar" else None, settings, params, profile)
+    profile = engine.cost_profile(decode.length) if decode.tree == "auto" else None
+    decoder = Decoder(engine.target.lm, engine.drafter() if decode.method != "ar" else None, decode, params, profile,
+                      logprobs=settings.logprobs)
     stats = GenerationStats(prompt_tokens=len(ids))
     stop_ids = stop_token_ids(engine.tokenizer)
     hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
@@ -300,12 +270,17 @@ def stream(
         text.extend(step.emitted)
 
 
-def generate(engine: Engine, prompt: str | list[int] | list[dict], **options) -> GenerationResult:
+def generate(engine: Engine, prompt: str | list[int] | list[dict], settings: GenerationSettings | None = None,
+             **options) -> GenerationResult:
     """`stream`, collected."""
-    pieces, tokens, stats, reason = [], [], GenerationStats(), "length"
-    for chunk in stream(engine, prompt, **options):
+    pieces, tokens, logprobs, stats, reason = [], [], [], GenerationStats(), "length"
+    chunk = None
+    for chunk in stream(engine, prompt, settings, **options):
         pieces.append(chunk.text)
         tokens.extend(chunk.tokens)
+        logprobs.extend(chunk.step.logprobs or [])
         stats = chunk.stats
         reason = chunk.finish_reason or reason
-    return GenerationResult(text="".join(pieces), tokens=tokens, stats=stats, finish_reason=reason)
+    asked = chunk is not None and chunk.step.logprobs is not None
+    return GenerationResult(text="".join(pieces), tokens=tokens, stats=stats, finish_reason=reason,
+                            logprobs=logprobs if asked else None)

@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from spectr.precisions import DEFAULT_PRECISION
+from spectr.settings import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 
 app = typer.Typer(help="spectr: exact speculative decoding with several drafts.", no_args_is_help=True)
 study_app = typer.Typer(help="Measure something and publish it under docs/.", no_args_is_help=True)
@@ -45,11 +46,15 @@ TREE = typer.Option(None, "--tree", help="auto (default: one path a step, its le
                                          "dynamic (the --budget nodes the draft is surest of) or greedy (k − 1 "
                                          "likeliest tokens and one drawn from the rest, L levels).")
 BUDGET = typer.Option(None, "--budget", min=1, help="Nodes of a dynamic tree (default k·L).")
-TEMPERATURE = typer.Option(1.0, "--temperature", help="0 = greedy.")
+TEMPERATURE = typer.Option(DEFAULT_TEMPERATURE, "--temperature", help="0 = greedy.")
+PRESENCE = typer.Option(0.0, "--presence-penalty", help="Subtracted from the logit of every token generated so far.")
+FREQUENCY = typer.Option(0.0, "--frequency-penalty", help="Subtracted once for each time a token was generated.")
+REPETITION = typer.Option(1.0, "--repetition-penalty",
+                          help="Tokens of the text, prompt too: logits > 0 divided by it, < 0 multiplied (1 = off).")
 TOP_K = typer.Option(0, "--top-k", help="0 = off.")
 TOP_P = typer.Option(1.0, "--top-p", help="1 = off.")
 SEED = typer.Option(None, "--seed", help="Seed for a reproducible sample.")
-MAX_NEW = typer.Option(128, "--max-new-tokens")
+MAX_NEW = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens")
 
 
 @app.command()
@@ -58,6 +63,7 @@ def generate(
     method: str = METHOD, rule: str | None = RULE, k: int | None = K, length: int | None = L,
     tree: str | None = TREE, budget: int | None = BUDGET,
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
+    presence_penalty: float = PRESENCE, frequency_penalty: float = FREQUENCY, repetition_penalty: float = REPETITION,
     max_new_tokens: int = MAX_NEW,
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION, compile: bool = COMPILE,
@@ -67,33 +73,22 @@ def generate(
     import spectr
     from spectr.errors import SpectrError
 
-    from spectr.api import decode_settings
+    from spectr.settings import GenerationSettings
 
     try:
-        settings = decode_settings(method, rule, k, length, tree, budget, temperature)
+        settings = GenerationSettings.build(
+            method=method, rule=rule, k=k, L=length, tree=tree, budget=budget, temperature=temperature, top_k=top_k,
+            top_p=top_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, stop=stop)
         engine = _engine(target, draft, precision, compile)
         stats = None
-        for chunk in spectr.stream(
-            engine, prompt, method=method, rule=rule, k=k, L=length, tree=tree, budget=budget,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, stop=stop,
-            chat=chat,
-        ):
+        for chunk in spectr.stream(engine, prompt, settings, chat=chat):
             typer.echo(chunk.text, nl=False)
             stats = chunk.stats
         typer.echo("")
-        typer.echo(f"[{_shape_label(settings)}] {stats.summary()}", err=True)
+        typer.echo(f"[{settings.label()}] {stats.summary()}", err=True)
     except SpectrError as error:
         _fail(error)
-
-
-def _shape_label(settings) -> str:
-    if settings.method == "ar":
-        return "ar"
-    if settings.tree == "auto":
-        return f"{settings.method}, auto up to L={settings.length}, rule {settings.rule_name}"
-    if settings.tree == "dynamic":
-        return f"{settings.method}, dynamic k={settings.k}, L={settings.length}, {settings.node_budget} nodes"
-    return f"{settings.method}, k={settings.num_drafts}, L={settings.length}, rule {settings.rule_name}"
 
 
 @app.command()
@@ -101,14 +96,22 @@ def chat(
     method: str = METHOD, rule: str | None = RULE, k: int | None = K, length: int | None = L,
     tree: str | None = TREE, budget: int | None = BUDGET,
     temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P, seed: int | None = SEED,
+    presence_penalty: float = PRESENCE, frequency_penalty: float = FREQUENCY, repetition_penalty: float = REPETITION,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
 ) -> None:
     """An interactive chat with the target (chat template, history kept). Empty line or Ctrl-D ends it."""
+    from dataclasses import replace
+
     import spectr
     from spectr.errors import SpectrError
+    from spectr.settings import GenerationSettings
 
     try:
+        settings = GenerationSettings.build(
+            method=method, rule=rule, k=k, L=length, tree=tree, budget=budget, temperature=temperature, top_k=top_k,
+            top_p=top_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens)
         engine = _engine(target, draft, precision)
     except SpectrError as error:
         _fail(error)
@@ -125,12 +128,8 @@ def chat(
         reply, stats = [], None
         typer.echo("bot> ", nl=False)
         try:
-            for chunk in spectr.stream(
-                engine, messages, method=method, rule=rule, k=k, L=length, tree=tree, budget=budget,
-                temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
-                max_new_tokens=max_new_tokens, chat=True,
-            ):
+            turn_settings = replace(settings, seed=None if seed is None else seed + turn)
+            for chunk in spectr.stream(engine, messages, turn_settings, chat=True):
                 typer.echo(chunk.text, nl=False)
                 reply.append(chunk.text)
                 stats = chunk.stats

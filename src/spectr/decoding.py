@@ -36,7 +36,7 @@ TREES = ("iid", "dynamic", "auto", "greedy")
 _NO_ROWS = torch.tensor([], dtype=torch.long)  # logit_indices: hidden states only
 
 # The (k, L) of a fixed (iid) shape when the caller gives only one of them or names the tree alone (with no
-# shape at all, api.decode_settings picks tree 'auto'): the fastest shape of `spectr bench`'s grid on this machine with
+# shape at all, settings.decode_settings picks tree 'auto'): the fastest shape of `spectr bench`'s grid on this machine with
 # the shipped draft (docs/CHAT.md: chat prompts, native target, int4 draft). With a draft accepting ~0.3
 # a token, one draft token a step wins at both temperatures (T = 1: 83.5 tok/s, BE 1.33; K-SEQ k = 2, L = 1:
 # 72.4, BE 1.40) -- and still loses to plain sampling (96.7): the draft is what caps speculation today.
@@ -52,8 +52,8 @@ def default_shape(temperature: float) -> tuple[int, int]:
 class DecodeSettings:
     method: str = "spectr"  # "ar": plain sampling; "sd": one draft (k = 1); "spectr": k drafts
     rule: str | None = None  # default: "standard" for sd, "kseq" for spectr
-    k: int = 4
-    length: int = 4  # L, draft tokens per draft
+    k: int = DEFAULT_SHAPE["sampling"][0]
+    length: int = DEFAULT_SHAPE["sampling"][1]  # L, draft tokens per draft
     tree: str = "iid"  # how the draft tree is built (TREES)
     budget: int | None = None  # nodes of a dynamic tree (default k·L)
 

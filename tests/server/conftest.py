@@ -78,11 +78,11 @@ class HeldStream:
         self.started = 0  # generations that reached the gate: those a worker runs
         self.lock = threading.Lock()
 
-    def __call__(self, engine, ids, **options):
+    def __call__(self, engine, ids, settings):
         with self.lock:
             self.started += 1
         self.gate.wait()
-        yield from api.stream(engine, ids, **options)
+        yield from api.stream(engine, ids, settings)
 
     def wait_started(self, count: int, timeout: float = 5) -> None:
         deadline = time.time() + timeout
@@ -98,7 +98,7 @@ class EndlessStream:
         self.closed = threading.Event()
         self.stop = threading.Event()  # set by the test at the end, should the server fail to stop it
 
-    def __call__(self, engine, ids, **options):
+    def __call__(self, engine, ids, settings):
         stats = api.GenerationStats(prompt_tokens=len(ids))
         try:
             while not self.stop.wait(0.005):

@@ -100,7 +100,7 @@ def _post(server, path, body, key=API_KEY, raw=None):
         ({"model": "tiny", "prompt": PROMPT, "k": 0}, 400, ["k"]),
         ({"model": "tiny", "prompt": PROMPT, "L": 0}, 400, ["L"]),
         ({"model": "tiny", "prompt": PROMPT, "max_tokens": 0}, 400, ["max_tokens"]),
-        ({"model": "tiny", "prompt": PROMPT, "n": 2}, 400, ["n = 1"]),
+        ({"model": "tiny", "prompt": PROMPT, "n": 9}, 400, ["n = 9", "limit of 8"]),
         ({"model": "tiny", "prompt": PROMPT, "method": "beam"}, 400, ["method"]),
         ({"model": "tiny", "prompt": ""}, 400, ["empty"]),
         ({"model": "tiny"}, 400, ["prompt"]),
@@ -190,11 +190,11 @@ def test_a_client_that_disconnects_frees_its_slot(engine):
 FAIL_SEED = 13
 
 
-def flaky_stream(engine, ids, **options):
+def flaky_stream(engine, ids, settings):
     """api.stream, except that a generation seeded FAIL_SEED breaks after its first chunk."""
-    chunks = api.stream(engine, ids, **options)
+    chunks = api.stream(engine, ids, settings)
     yield next(chunks)
-    if options["seed"] == FAIL_SEED:
+    if settings.seed == FAIL_SEED:
         raise RuntimeError("the accelerator fell over")
     yield from chunks
 
@@ -244,9 +244,9 @@ def test_a_failed_load_is_reported():
 def paired_stream(barrier: threading.Barrier):
     """api.stream that starts generations two at a time: each waits for a partner (or fails on timeout)."""
 
-    def stream(engine, ids, **options):
+    def stream(engine, ids, settings):
         barrier.wait()
-        yield from api.stream(engine, ids, **options)
+        yield from api.stream(engine, ids, settings)
 
     return stream
 
