@@ -474,5 +474,41 @@ def bench_forward(
         output.write_text(f"# Target forward cost\n\nProduced by `spectr bench forward`.\n\n{table}")
 
 
+@bench_app.command("serve")
+def bench_serve(
+    target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
+    clients: str = typer.Option("1,2,4,8,16", "--clients", help="Levels of concurrent clients."),
+    max_concurrency: int = typer.Option(2, "--max-concurrency", min=1, help="The server's flag."),
+    max_queue: int = typer.Option(16, "--max-queue", min=0, help="The server's flag."),
+    k: int | None = typer.Option(None, "-k", help="Sent with every request (default: the server's default shape)."),
+    length: int | None = typer.Option(None, "-L", help="Sent with every request."),
+    output: Path = typer.Option(Path("bench/results/serve"), "--output", "-o", help="Folder for JSON, Markdown, PNG."),
+) -> None:
+    """Load-test `spectr serve` in its own process: start-up time, then tokens/s, time to first token, memory
+    and every outcome (no 5xx allowed) per level of concurrent clients."""
+    import json
+
+    from spectr.bench import serve
+
+    levels = tuple(int(c) for c in clients.split(","))
+    serve_args = [f"--max-concurrency={max_concurrency}", f"--max-queue={max_queue}", f"--precision={precision}"]
+    serve_args += [] if target == "default" else [f"--target={target}"]
+    serve_args += [] if draft == "default" else [f"--draft={draft}"]
+    extra = {name: value for name, value in (("k", k), ("L", length)) if value is not None}
+    result = serve.run(serve_args, levels, extra, progress=lambda level: typer.echo(
+        f"{level['clients']} clients: {level['tokens_per_second']:.1f} tok/s, TTFT p50 {level['ttft_p50']} s, "
+        f"5xx {level['server_errors']}", err=True))
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "serve.json").write_text(json.dumps(result, indent=1))
+    markdown = serve.render(result, "spectr bench serve " + " ".join(
+        f"--clients {clients}".split() + ([f"-k {k}"] if k else []) + ([f"-L {length}"] if length else [])))
+    (output / "serve.md").write_text(markdown + "\n![throughput and time to first token](serve.png)\n")
+    serve.plot(result, output / "serve.png")
+    typer.echo(markdown)
+    bad = sum(level["server_errors"] + level["wrong_length"] for level in result["levels"])
+    if bad:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()
