@@ -152,19 +152,33 @@ def serve(
     max_queue: int = typer.Option(8, "--max-queue", min=0, help="Requests waiting beyond those (then 429)."),
     api_key: str | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
     model_name: str | None = typer.Option(None, "--model-name", help="The model id clients send."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Replicas behind Ray Serve's router (needs "
+                                 "spectr[ray]); 1: this process alone."),
+    autoscale_to: int | None = typer.Option(None, "--autoscale-to", min=1,
+                                            help="With --replicas: let Ray Serve scale up to this many."),
 ) -> None:
     """An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
-    import uvicorn
-
     import spectr
     from spectr.server import ServerSettings, create_app
 
     settings = ServerSettings(max_concurrency=max_concurrency, max_queue=max_queue, api_key=api_key,
                               model_name=model_name)
-    app_ = create_app(
-        lambda: spectr.load(None if target == "default" else target, draft=draft, precision=precision), settings
-    )
-    uvicorn.run(app_, host=host, port=port)
+
+    def load_engine():
+        return spectr.load(None if target == "default" else target, draft=draft, precision=precision)
+
+    if replicas > 1 or autoscale_to:
+        from spectr.errors import SpectrError
+        from spectr.server import ray as ray_serve
+
+        try:
+            ray_serve.run(load_engine, settings, host, port, replicas, autoscale_to)
+        except SpectrError as error:
+            _fail(error)
+        return
+    import uvicorn
+
+    uvicorn.run(create_app(load_engine, settings), host=host, port=port)
 
 
 @app.command("train-draft")

@@ -51,8 +51,10 @@ class ServerSettings:
 
 
 def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings = ServerSettings(),
-               stream: Callable[..., Iterator["api.Chunk"]] = api.stream) -> FastAPI:
-    """The app; `stream` generates (api.stream's signature), replaceable so tests can hold or break generations."""
+               stream: Callable[..., Iterator["api.Chunk"]] = api.stream, preload: bool = False) -> FastAPI:
+    """The app; `stream` generates (api.stream's signature), replaceable so tests can hold or break generations.
+    preload: load the engine here, before the app exists (a Ray Serve replica: the router must not send it
+    requests until it can serve them); otherwise it loads after the server starts listening."""
     state: dict = {"engine": None, "error": None, "strings": None}
     metrics = ServerMetrics()
     workers = Workers(settings.max_concurrency, settings.max_queue, metrics, stream)
@@ -67,9 +69,15 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
         except Exception as error:  # reported by /health; the server stays up to say so
             state["error"] = error
 
+    if preload:
+        load()
+        if state["error"] is not None:
+            raise state["error"]
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        threading.Thread(target=load, name="spectr-load", daemon=True).start()
+        if not preload:
+            threading.Thread(target=load, name="spectr-load", daemon=True).start()
         yield
         workers.shutdown()
 
@@ -209,6 +217,9 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
                 await asyncio.wrap_future(future)
             except SpectrError as error:
                 raise ApiError(400, str(error)) from None
+            except Exception as error:  # answered here, not re-raised: the connection stays usable
+                log.error("a generation failed", exc_info=error)
+                raise ApiError(500, internal_error_body(error)["error"]["message"], kind="server_error") from None
             choices = []
             for index in range(body.n):
                 mine = [chunk for i, chunk in chunks if i == index]
