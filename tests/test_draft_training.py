@@ -57,8 +57,11 @@ def test_the_head_learns_the_target(peaked, tmp_path, fused):
     history = json.loads((tmp_path / "draft.json").read_text())["history"]
     first, last = history[0]["acceptance"]["T=1"], final["acceptance"]["T=1"]
     assert all(after > before + 0.05 for before, after in zip(first, last)), (first, last)
-    losses = [h["loss"] for h in history if h["loss"] is not None]
-    assert losses[-1] < losses[0]
+    # Every step's training loss is on a different batch, so compare the first and last five steps
+    # (the manifest keeps only evaluated steps; the checkpoint keeps them all).
+    steps = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["history"]
+    losses = [h["loss"] for h in steps if h["loss"] is not None]
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.8 * sum(losses[:5]), losses
     assert final["acceptance"]["greedy"][0] > history[0]["acceptance"]["greedy"][0]
 
 
