@@ -32,11 +32,12 @@ class Machine:
     compiler: str | None  # first line of `c++ --version`, None where none is found
     kernels: bool  # spectr's kernels are built and loaded
     kernels_disabled: bool  # SPECTR_KERNELS=off
+    kernel_path: str | None = None  # the block kernel's path: "avx512-vnni", "avx2" or "portable"
 
     def describe(self) -> str:
         """One line: the CPU, its SIMD features, and whether spectr's kernels run."""
         if self.kernels:
-            state = "spectr kernels built"
+            state = f"spectr kernels built, {self.kernel_path} path"
         elif self.kernels_disabled:
             state = "spectr kernels off (SPECTR_KERNELS=off): torch's kernels, not row-invariant"
         else:
@@ -61,7 +62,7 @@ def machine() -> Machine:
         version = []
     return Machine(cpu=cpu, simd=tuple(f for f in SIMD_FLAGS if f in flags), threads=torch.get_num_threads(),
                    compiler=version[0] if version else None, kernels=kernels.available(),
-                   kernels_disabled=kernels.disabled())
+                   kernels_disabled=kernels.disabled(), kernel_path=kernels.path())
 
 
 def tree_invariance(lm, prompt: list[int], parents: torch.Tensor = PROBE_PARENTS) -> float:

@@ -51,7 +51,7 @@ def test_q8_0_split_into_int4_halves_is_exact_over_every_code():
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 def test_block_kernel_runs_the_stored_weight(kind):
     """spectr's kernel on the blocks as stored, against float64 over gguf's own dequantization: its int16
-    activations (per 32-block scale max|x| / 32767) leave a relative error of ~1e-5 of the row's scale."""
+    activations (per 32-block scale max|x| / 32512) leave a relative error of ~1e-5 of the row's scale."""
     if not kernels.available():
         pytest.skip("spectr's kernels are not built on this machine")
     values = np.random.default_rng(1).normal(size=(80, 160)).astype(np.float32)

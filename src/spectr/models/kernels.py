@@ -82,8 +82,14 @@ def build(folder: Path, flags: tuple[str, ...] = FLAGS, compiler: str | None = N
 def load(path: Path) -> ctypes.CDLL:
     """A built kernel library, its functions typed."""
     lib = ctypes.CDLL(str(path))
-    lib.spectr_block_linear.argtypes = [_ptr, _ptr, ctypes.c_int, _i64, _i64, _ptr, _i64, _ptr, _ptr]
+    lib.spectr_block_linear.argtypes = [_ptr, ctypes.c_int, _i64, _i64, _ptr, _i64, _ptr, _ptr]
     lib.spectr_block_linear.restype = None
+    lib.spectr_packed_bytes.argtypes = [ctypes.c_int, _i64, _i64]
+    lib.spectr_packed_bytes.restype = _i64
+    lib.spectr_pack.argtypes = [_ptr, _ptr, ctypes.c_int, _i64, _i64, _ptr]
+    lib.spectr_pack.restype = None
+    lib.spectr_kernel_path.argtypes = []
+    lib.spectr_kernel_path.restype = ctypes.c_char_p
     lib.spectr_attend.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
                                   ctypes.c_float, _ptr]
     lib.spectr_attend.restype = None
@@ -113,16 +119,29 @@ def available() -> bool:
     return library() is not None
 
 
-def block_linear(codes: Tensor, params: Tensor, bits: int, x: Tensor, bias: Tensor | None) -> Tensor:
-    """x [..., k] float32 @ W.T (+ bias) for W [n, k] in 32-blocks: codes [n, k / 2] (4-bit) or [n, k] (8-bit)
-    uint8, params [n, 2, P] float16 (see kernels.cpp). Returns float32 [..., n]."""
+def path() -> str | None:
+    """The block kernel's path on this machine: "avx512-vnni", "avx2" or "portable"; None without kernels."""
+    return None if library() is None else library().spectr_kernel_path().decode()
+
+
+def pack(codes: Tensor, params: Tensor, bits: int) -> Tensor:
+    """A weight in the row layout (codes [n, k / 2] (4-bit) or [n, k] (8-bit) uint8, params [n, 2, P]
+    float16, see kernels.cpp) rewritten in the layout this machine's kernel reads (uint8, flat)."""
     n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
+    packed = torch.empty(library().spectr_packed_bytes(bits, n, k), dtype=torch.uint8)
+    library().spectr_pack(codes.contiguous().data_ptr(), params.contiguous().data_ptr(), bits, n, k,
+                          packed.data_ptr())
+    return packed
+
+
+def block_linear(packed: Tensor, bits: int, n: int, k: int, x: Tensor, bias: Tensor | None) -> Tensor:
+    """x [..., k] float32 @ W.T (+ bias) for W [n, k] in 32-blocks, packed by `pack`. Returns float32 [..., n]."""
     flat = x.reshape(-1, k)
     if flat.dtype != torch.float32 or not flat.is_contiguous():
         flat = flat.float().contiguous()
     out = torch.empty(flat.shape[0], n, dtype=torch.float32)
-    library().spectr_block_linear(codes.data_ptr(), params.data_ptr(), bits, n, k, flat.data_ptr(),
-                                  flat.shape[0], None if bias is None else bias.data_ptr(), out.data_ptr())
+    library().spectr_block_linear(packed.data_ptr(), bits, n, k, flat.data_ptr(), flat.shape[0],
+                                  None if bias is None else bias.data_ptr(), out.data_ptr())
     return out.view(*x.shape[:-1], n)
 
 
@@ -139,7 +158,7 @@ def attend(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, slots: i
 
 
 class _BlockWeight(ctypes.Structure):
-    _fields_ = [("codes", _ptr), ("params", _ptr), ("bias", _ptr), ("bits", _i64), ("n", _i64), ("k", _i64)]
+    _fields_ = [("packed", _ptr), ("bias", _ptr), ("bits", _i64), ("n", _i64), ("k", _i64)]
 
 
 class _DecoderLayer(ctypes.Structure):
@@ -161,10 +180,9 @@ class DecoderLayer:
         weights = []
         for linear in (qkv, output, gate_up, down):
             bias = None if linear.bias is None else linear.bias.float().contiguous()
-            self._tensors += [linear.codes, linear.params, bias]
-            n, k = linear.codes.shape[0], linear.codes.shape[1] * (2 if linear.bits == 4 else 1)
-            weights.append(_BlockWeight(linear.codes.data_ptr(), linear.params.data_ptr(),
-                                        None if bias is None else bias.data_ptr(), linear.bits, n, k))
+            self._tensors += [linear.packed, bias]
+            weights.append(_BlockWeight(linear.packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                                        linear.bits, linear.out_features, linear.in_features))
         hidden = self._tensors[0].shape[0]
         self.descriptor = _DecoderLayer(self._tensors[0].data_ptr(), self._tensors[1].data_ptr(), *weights,
                                         hidden, heads, kv_heads, head_dim, weights[2].n // 2, eps)

@@ -110,17 +110,18 @@ class BlockLinear:
         codes = weight.codes.view(out_features, in_features // BLOCK_SIZE, 2, BLOCK_SIZE // 2)
         if weight.bits == 4:  # GGUF's layout: byte j of a block holds input j (low nibble) and j + 16 (high)
             codes = (codes[:, :, 0] | (codes[:, :, 1] << 4))
-        self.codes = codes.reshape(out_features, -1).view(torch.uint8).contiguous()
+        codes = codes.reshape(out_features, -1).view(torch.uint8).contiguous()
         # [out, 2, P]: each row's block scales, then its offsets, zero-padded to whole groups of 8 blocks.
         # Half precision, as GGUF stores them: a quarter of a 4-bit row's bytes instead of two fifths.
         padded = -(-in_features // BLOCK_SIZE // 8) * 8
-        self.params = torch.zeros(out_features, 2, padded, dtype=torch.float16)
-        self.params[:, 0, : in_features // BLOCK_SIZE] = weight.scales
-        self.params[:, 1, : in_features // BLOCK_SIZE] = weight.offsets
-        if not torch.equal(self.params[:, :, : in_features // BLOCK_SIZE].float(),
+        params = torch.zeros(out_features, 2, padded, dtype=torch.float16)
+        params[:, 0, : in_features // BLOCK_SIZE] = weight.scales
+        params[:, 1, : in_features // BLOCK_SIZE] = weight.offsets
+        if not torch.equal(params[:, :, : in_features // BLOCK_SIZE].float(),
                            torch.stack([weight.scales, weight.offsets], 1).float()):
             raise InvalidInputError("block scales and offsets must be exact in float16 (as GGUF stores them)")
-        self.bits = weight.bits
+        self.bits, self.out_features, self.in_features = weight.bits, out_features, in_features
+        self.packed = kernels.pack(codes, params, weight.bits)  # the layout this machine's kernel reads
         self.bias = None if bias is None else bias.float().contiguous()
 
     @staticmethod
@@ -128,7 +129,7 @@ class BlockLinear:
         return kernels.available() and shape[1] % BLOCK_SIZE == 0
 
     def __call__(self, x: Tensor) -> Tensor:
-        return kernels.block_linear(self.codes, self.params, self.bits, x, self.bias)
+        return kernels.block_linear(self.packed, self.bits, self.out_features, self.in_features, x, self.bias)
 
 
 class DenseLinear:
