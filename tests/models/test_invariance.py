@@ -106,3 +106,20 @@ def test_every_kernel_path_is_row_invariant_and_they_agree(other_library, monkey
     # int16 activations: each within half a step (max|x| / 65024) of x, ~2e-5 of the largest output here.
     expected = x.double() @ weight.dequantize().double().T + bias.double()
     assert (alone.double() - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_every_kernel_path_runs_whole_layers_invariantly_and_they_agree(other_library, monkeypatch):
+    """The fused decoder layer (norms, rotation, attention, SiLU, the linear layers) on each path."""
+    from spectr.models import native_forward
+    from tests.models.tiny import tiny_model
+
+    prompt = [5, 17, 3, 42, 8, 11, 29, 2]
+    hf = tiny_model("llama-gqa")
+    native = native_forward(hf, "int4")
+    expected = native.forward(torch.tensor([prompt]), torch.arange(len(prompt)), native.new_cache(8)).logits
+    monkeypatch.setattr(kernels, "library", lambda: other_library)
+    lm = native_forward(hf, "int4")
+    assert lm.fused
+    assert checks.tree_invariance(lm, prompt) == 0.0
+    logits = lm.forward(torch.tensor([prompt]), torch.arange(len(prompt)), lm.new_cache(8)).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

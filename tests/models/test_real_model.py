@@ -1,5 +1,7 @@
 """spectr's forward on the real default target, against transformers' forward."""
 
+import copy
+
 import pytest
 import torch
 
@@ -28,4 +30,11 @@ def test_fp32_logits_equal_transformers(real_model):
     split = ids.shape[1] - 5
     prefill = lm.forward(ids[:, :split], torch.arange(split), cache).logits
     rest = lm.forward(ids[:, split:], torch.arange(split, ids.shape[1]), cache).logits
-    torch.testing.assert_close(torch.cat([prefill, rest], 1), expected, atol=1e-4, rtol=0)
+    ours = torch.cat([prefill, rest], 1)
+    # Two float32 forwards that sum in different orders each sit ~1e-4 from the exact logits (magnitude
+    # ~25) after 30 layers, so they are compared with a float64 forward: spectr's fp32 is to be about as
+    # accurate as transformers' fp32 (a wrong mask, rotation or cache entry is off by far more).
+    with torch.no_grad():
+        exact = copy.deepcopy(hf).double()(ids).logits
+    ours_error, reference_error = (ours.double() - exact).abs(), (expected.double() - exact).abs()
+    assert ours_error.max() <= 1.5 * reference_error.max() and ours_error.mean() <= 1.5 * reference_error.mean()

@@ -43,6 +43,21 @@
 #include <immintrin.h>
 #endif
 
+// The linear layers and norms of one Llama decoder layer, as the Python side describes them.
+struct BlockWeight {
+  const uint8_t* packed;  // spectr_pack's layout
+  const float* bias;      // may be null
+  int64_t bits, n, k;
+};
+
+struct DecoderLayer {
+  const float* attention_norm;  // [D]
+  const float* mlp_norm;        // [D]
+  BlockWeight qkv, output, gate_up, down;
+  int64_t hidden, heads, kv_heads, head_dim, ffn;
+  float eps;
+};
+
 namespace {
 
 constexpr int64_t BLOCK = 32;
@@ -77,40 +92,54 @@ inline float half_to_float(uint16_t h) {
 
 inline int64_t padded_blocks(int64_t k) { return (k / BLOCK + GROUP - 1) / GROUP * GROUP; }
 
-// Per row and block of 32: q = round(x / s) in int16 with s = max|x| / 32512 (= 127 x 256, so that the
-// VNNI path can split q into two int8 halves; every path quantizes the same way, so all agree up to the
-// order of their float sums), and the exact sum of x. Rows are padded with zero blocks up to a whole
-// group (their scales are 0).
+// A linear layer's input rows [rows, k], quantized per 32-block in the layout of this build's path: codes
+// (VNNI: per row its high bytes [k] then its low bytes [k]; otherwise int16 [P * 32] per row), then per
+// row and block (P: the blocks, padded to whole groups outside VNNI) the scale, the exact float sum of x,
+// and (VNNI) the sum of the codes.
+struct Activations {
+  void* q;
+  float* scales;
+  float* sums;
+  int32_t* sums_q;
+  int64_t rows, k;
+};
+
+inline int64_t activation_blocks(int64_t k) { return SPECTR_VNNI ? k / BLOCK : padded_blocks(k); }
+
+inline int64_t activation_bytes(int64_t rows, int64_t k) {  // two bytes a code, three words a block
+  return rows * activation_blocks(k) * (2 * BLOCK + 3 * 4);
+}
+
+Activations activations_in(void* buffer, int64_t rows, int64_t k) {  // buffer: 64-byte aligned
+  const int64_t p = activation_blocks(k);
+  float* scales = reinterpret_cast<float*>(static_cast<char*>(buffer) + rows * p * 2 * BLOCK);
+  return {buffer, scales, scales + rows * p, reinterpret_cast<int32_t*>(scales + 2 * rows * p), rows, k};
+}
+
+// A row's block of 32 inputs: q = round(x / s) in int16 with s = max|x| / 32512 (= 127 x 256, so that
+// the VNNI path can split q into two int8 halves; every path quantizes the same way, so all agree up to
+// the order of their float sums), and the float sum of x (in input order). Rows are padded with zero
+// blocks up to a whole group (their scales are 0; see quantize_team).
 constexpr float WIDE_TOP = 127.f * 256.f;
 
-void quantize_rows(const float* x, int64_t rows, int64_t k, int16_t* q, float* scales, float* sums) {
-  const int64_t blocks = k / BLOCK, padded = padded_blocks(k);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < padded; ++b) {
-      int16_t* qb = q + (r * padded + b) * BLOCK;
-      if (b >= blocks) {
-        std::memset(qb, 0, sizeof(int16_t) * BLOCK);
-        scales[r * padded + b] = sums[r * padded + b] = 0.f;
-        continue;
-      }
-      const float* xb = x + r * k + b * BLOCK;
-      float amax = 0.f, sum = 0.f;
-      for (int64_t i = 0; i < BLOCK; ++i) {
-        amax = std::max(amax, std::fabs(xb[i]));
-        sum += xb[i];
-      }
-      const float scale = amax / WIDE_TOP;
-      const float inverse = scale > 0.f ? 1.f / scale : 0.f;
-      for (int64_t i = 0; i < BLOCK; ++i) {
-        const float v = std::nearbyint(std::min(WIDE_TOP, std::max(-WIDE_TOP, xb[i] * inverse)));
-        qb[i] = static_cast<int16_t>(v);
-      }
-      // A non-finite input makes its outputs NaN (the scale carries it; the codes are then meaningless).
-      scales[r * padded + b] = std::isfinite(sum) ? scale : std::numeric_limits<float>::quiet_NaN();
-      sums[r * padded + b] = sum;
-    }
+#if !SPECTR_VNNI
+void quantize_block(const float* xb, int16_t* qb, float* scale_out, float* sum_out) {
+  float amax = 0.f, sum = 0.f;
+  for (int64_t i = 0; i < BLOCK; ++i) {
+    amax = std::max(amax, std::fabs(xb[i]));
+    sum += xb[i];
   }
+  const float scale = amax / WIDE_TOP;
+  const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+  for (int64_t i = 0; i < BLOCK; ++i) {
+    const float v = std::nearbyint(std::min(WIDE_TOP, std::max(-WIDE_TOP, xb[i] * inverse)));
+    qb[i] = static_cast<int16_t>(v);
+  }
+  // A non-finite input makes its outputs NaN (the scale carries it; the codes are then meaningless).
+  *scale_out = std::isfinite(sum) ? scale : std::numeric_limits<float>::quiet_NaN();
+  *sum_out = sum;
 }
+#endif
 
 #if SPECTR_SIMD
 inline float horizontal_sum(__m256 v) {  // a fixed order: (lanes 0-3 + 4-7), then pairs
@@ -223,43 +252,40 @@ void output_row_chunk(int64_t nr, const uint8_t* w, const uint16_t* w_scales, co
 // 16 block scales and 16 block offsets in float16. One group-block is contiguous: a group streams
 // through memory in order.
 constexpr int64_t LANES = 16;
+// How far ahead a pass of several rows asks for its weight blocks (prefetching past the end of the weight
+// is harmless: a prefetch never faults).
+constexpr int64_t PREFETCH_BLOCKS = 8;
 
 inline int64_t vnni_code_bytes(int bits) { return bits == 4 ? 256 : 512; }
 inline int64_t vnni_block_bytes(int bits) { return vnni_code_bytes(bits) + 4 * LANES; }
 
-// Per row and block of 32: q = round(x / s) with s = max|x| / 32512, kept as its high and low bytes
-// (q = 256 hi + lo, both int8: hi in row r's first k bytes, lo in its next k), the exact float sum of x
-// (for the blocks' offsets) and the sum of q (to centre the codes, below). The same q as quantize_rows.
+// One block of 32 inputs of a row: q = round(x / s) with s = max|x| / 32512 (the q of quantize_block),
+// kept as its high and low bytes (q = 256 hi + lo, both int8: hi at high[0..31], lo k bytes further, in
+// the row's second half), the float sum of x (for the block's offset; in a fixed tree) and the sum of q
+// (to centre the codes, below).
 
-void quantize_rows_wide(const float* x, int64_t rows, int64_t k, int8_t* q, float* scales, float* sums,
-                        int32_t* sums_q) {
-  const int64_t blocks = k / BLOCK;
+void quantize_block_wide(const float* xb, int64_t k, int8_t* high, float* scale_out, float* sum_out,
+                         int32_t* sum_q_out) {
   const __m512i half = _mm512_set1_epi32(128);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + r * k + b * BLOCK;
-      int8_t* high = q + 2 * r * k + b * BLOCK;
-      const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));  // exact
-      float sum = 0.f;  // in input order, as the other paths
-      for (int64_t i = 0; i < BLOCK; ++i) sum += xb[i];
-      const float scale = amax / WIDE_TOP;
-      const float inverse = scale > 0.f ? 1.f / scale : 0.f;
-      const __m512 top = _mm512_set1_ps(WIDE_TOP), bottom = _mm512_set1_ps(-WIDE_TOP);
-      // Round to nearest even (the default rounding mode), then clamp: as std::nearbyint would.
-      const __m512i v0 = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_mul_ps(x0, _mm512_set1_ps(inverse)))));
-      const __m512i v1 = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_mul_ps(x1, _mm512_set1_ps(inverse)))));
-      const __m512i h0 = _mm512_srai_epi32(_mm512_add_epi32(v0, half), 8), h1 = _mm512_srai_epi32(_mm512_add_epi32(v1, half), 8);
-      const __m512i l0 = _mm512_sub_epi32(v0, _mm512_slli_epi32(h0, 8)), l1 = _mm512_sub_epi32(v1, _mm512_slli_epi32(h1, 8));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(high), _mm512_cvtepi32_epi8(h0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(high + 16), _mm512_cvtepi32_epi8(h1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(high + k), _mm512_cvtepi32_epi8(l0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(high + k + 16), _mm512_cvtepi32_epi8(l1));
-      // A non-finite input makes its outputs NaN (the scale carries it; the codes are then meaningless).
-      scales[r * blocks + b] = std::isfinite(sum) ? scale : std::numeric_limits<float>::quiet_NaN();
-      sums[r * blocks + b] = sum;
-      sums_q[r * blocks + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(v0, v1));  // exact: integers
-    }
+  const __m512 top = _mm512_set1_ps(WIDE_TOP), bottom = _mm512_set1_ps(-WIDE_TOP);
+  const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));  // exact
+  const float sum = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));  // a fixed tree
+  const float scale = amax / WIDE_TOP;
+  const __m512 inverse = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+  // Clamp, then round to nearest even (the default rounding mode): as quantize_block does.
+  const __m512i v0 = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_mul_ps(x0, inverse))));
+  const __m512i v1 = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_mul_ps(x1, inverse))));
+  const __m512i h0 = _mm512_srai_epi32(_mm512_add_epi32(v0, half), 8), h1 = _mm512_srai_epi32(_mm512_add_epi32(v1, half), 8);
+  const __m512i l0 = _mm512_sub_epi32(v0, _mm512_slli_epi32(h0, 8)), l1 = _mm512_sub_epi32(v1, _mm512_slli_epi32(h1, 8));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(high), _mm512_cvtepi32_epi8(h0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(high + 16), _mm512_cvtepi32_epi8(h1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(high + k), _mm512_cvtepi32_epi8(l0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(high + k + 16), _mm512_cvtepi32_epi8(l1));
+  // A non-finite input makes its outputs NaN (the scale carries it; the codes are then meaningless).
+  *scale_out = std::isfinite(sum) ? scale : std::numeric_limits<float>::quiet_NaN();
+  *sum_out = sum;
+  *sum_q_out = _mm512_reduce_add_epi32(_mm512_add_epi32(v0, v1));  // exact: integers
 }
 
 inline __m512i four_inputs(const int8_t* x) {
@@ -283,6 +309,9 @@ inline void vnni_group_rows(const uint8_t* group, int64_t blocks, const int8_t* 
   const int64_t stride = vnni_block_bytes(BITS), codes = vnni_code_bytes(BITS);
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* block = group + b * stride;
+    if (NR >= 2)  // measured: a third off a pass of 8 rows; no gain for one row (the hardware keeps up)
+      for (int64_t line = 0; line < stride; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(block + PREFETCH_BLOCKS * stride + line), _MM_HINT_T0);
     __m512i w[8];
     if (BITS == 4) {
       for (int c = 0; c < 4; ++c) {
@@ -340,38 +369,37 @@ void vnni_group_chunk(int64_t nr, const uint8_t* group, int64_t blocks, const in
   }
 }
 
-void vnni_linear(const uint8_t* packed, int bits, int64_t n, int64_t k, const float* x, int64_t rows,
-                 const float* bias, float* y) {
-  const int64_t blocks = k / BLOCK, groups = (n + LANES - 1) / LANES;
-  const int64_t group_bytes = blocks * vnni_block_bytes(bits);
-  const int64_t q_bytes = 2 * rows * k;  // a multiple of 64: the floats after it are aligned
-  int8_t* q = static_cast<int8_t*>(std::aligned_alloc(64, (q_bytes + 3 * 4 * rows * blocks + 63) / 64 * 64));
-  float* scales = reinterpret_cast<float*>(q + q_bytes);
-  float* sums = scales + rows * blocks;
-  int32_t* sums_q = reinterpret_cast<int32_t*>(sums + rows * blocks);
-  quantize_rows_wide(x, rows, k, q, scales, sums, sums_q);
-#pragma omp parallel for schedule(static)
+// y = a @ W.T + bias (or y += that), work-shared over the groups of 16 outputs.
+void vnni_linear_team(const BlockWeight& w, const Activations& a, float* y, bool accumulate) {
+  const int64_t n = w.n, k = w.k, rows = a.rows, blocks = k / BLOCK, groups = (n + LANES - 1) / LANES;
+  const int64_t group_bytes = blocks * vnni_block_bytes(static_cast<int>(w.bits));
+  const int8_t* q = static_cast<const int8_t*>(a.q);
+#pragma omp for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* group = packed + g * group_bytes;
+    const uint8_t* group = w.packed + g * group_bytes;
     const int64_t width = std::min(LANES, n - g * LANES);
     const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + g * LANES) : _mm512_setzero_ps();
+    const __m512 b = w.bias ? _mm512_maskz_loadu_ps(lanes, w.bias + g * LANES) : _mm512_setzero_ps();
     __m512 out[ROWS_PER_PASS];
     const int64_t passes = (rows + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
     for (int64_t pass = 0, r0 = 0; pass < passes; ++pass) {
       const int64_t nr = rows / passes + (pass < rows % passes ? 1 : 0);
       const int8_t* qr = q + 2 * r0 * k;
-      const float *sr = scales + r0 * blocks, *ur = sums + r0 * blocks;
-      const int32_t* tr = sums_q + r0 * blocks;
-      if (bits == 4)
+      const float *sr = a.scales + r0 * blocks, *ur = a.sums + r0 * blocks;
+      const int32_t* tr = a.sums_q + r0 * blocks;
+      if (w.bits == 4)
         vnni_group_chunk<4>(nr, group, blocks, qr, k, sr, ur, tr, out);
       else
         vnni_group_chunk<8>(nr, group, blocks, qr, k, sr, ur, tr, out);
-      for (int64_t i = 0; i < nr; ++i) _mm512_mask_storeu_ps(y + (r0 + i) * n + g * LANES, lanes, _mm512_add_ps(out[i], b));
+      for (int64_t i = 0; i < nr; ++i) {
+        float* target = y + (r0 + i) * n + g * LANES;
+        const __m512 update = _mm512_add_ps(out[i], b);
+        _mm512_mask_storeu_ps(target, lanes,
+                              accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, target), update) : update);
+      }
       r0 += nr;
     }
   }
-  std::free(q);
 }
 
 // The VNNI layout of a weight given in the row layout (see spectr_pack).
@@ -407,6 +435,75 @@ void vnni_pack(const uint8_t* codes, const uint16_t* params, int bits, int64_t n
 }
 #endif
 
+
+#if !SPECTR_VNNI
+// y = a @ W.T + bias (or y += that), one output row at a time, work-shared over the outputs.
+void rows_linear_team(const BlockWeight& w, const Activations& a, float* y, bool accumulate) {
+  const int64_t n = w.n, k = w.k, rows = a.rows, blocks = k / BLOCK, padded = padded_blocks(k);
+  const int64_t row_bytes = w.bits == 4 ? k / 2 : k;
+  const uint8_t* codes = w.packed;
+  const uint16_t* params = reinterpret_cast<const uint16_t*>(w.packed + n * row_bytes);
+  const int16_t* q = static_cast<const int16_t*>(a.q);
+#pragma omp for schedule(static)
+  for (int64_t o = 0; o < n; ++o) {
+    const uint8_t* wo = codes + o * row_bytes;
+    const uint16_t* w_scales = params + o * 2 * padded;
+    const float b = w.bias ? w.bias[o] : 0.f;
+    float out[ROWS_PER_PASS];
+    // Rows in passes of near-equal size (9 rows: 5 + 4, not 8 + 1); a row's result does not depend on its pass.
+    const int64_t passes = (rows + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    for (int64_t pass = 0, r0 = 0; pass < passes; ++pass) {
+      const int64_t nr = rows / passes + (pass < rows % passes ? 1 : 0);
+      const int16_t* qr = q + r0 * padded * BLOCK;
+      if (w.bits == 4)
+        output_row_chunk<4>(nr, wo, w_scales, w_scales + padded, blocks, padded, qr, a.scales + r0 * padded,
+                            a.sums + r0 * padded, out);
+      else
+        output_row_chunk<8>(nr, wo, w_scales, w_scales + padded, blocks, padded, qr, a.scales + r0 * padded,
+                            a.sums + r0 * padded, out);
+      for (int64_t i = 0; i < nr; ++i) {
+        float& target = y[(r0 + i) * n + o];
+        target = accumulate ? target + (out[i] + b) : out[i] + b;
+      }
+      r0 += nr;
+    }
+  }
+}
+#endif
+
+// The team functions below share their loops among the threads of an OpenMP team: every thread of the
+// team calls them (or one thread outside any parallel region). Each ends with the loop's barrier.
+
+// Quantizes x [rows, k] into a, work-shared over its blocks (padding blocks: zero).
+void quantize_team(const float* x, const Activations& a) {
+  const int64_t k = a.k, p = activation_blocks(k);
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < a.rows * p; ++i) {
+    const int64_t r = i / p, b = i % p;
+#if SPECTR_VNNI
+    quantize_block_wide(x + r * k + b * BLOCK, k, static_cast<int8_t*>(a.q) + 2 * r * k + b * BLOCK, a.scales + i,
+                        a.sums + i, a.sums_q + i);
+#else
+    int16_t* qb = static_cast<int16_t*>(a.q) + i * BLOCK;
+    if (b < k / BLOCK) {
+      quantize_block(x + r * k + b * BLOCK, qb, a.scales + i, a.sums + i);
+    } else {
+      std::memset(qb, 0, sizeof(int16_t) * BLOCK);
+      a.scales[i] = a.sums[i] = 0.f;
+    }
+#endif
+  }
+}
+
+// y [rows, n] = a @ W.T + bias; with accumulate, y += that (y + (a @ W.T + bias): a residual update).
+void linear_team(const BlockWeight& w, const Activations& a, float* y, bool accumulate) {
+#if SPECTR_VNNI
+  vnni_linear_team(w, a, y, accumulate);
+#else
+  rows_linear_team(w, a, y, accumulate);
+#endif
+}
+
 // The dot of two float vectors of length e (a multiple of 8), in 8 fixed lanes then a fixed tree.
 inline float dot8(const float* a, const float* b, int64_t e) {
   float lane[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -414,6 +511,91 @@ inline float dot8(const float* a, const float* b, int64_t e) {
     for (int l = 0; l < 8; ++l) lane[l] = std::fma(a[i + l], b[i + l], lane[l]);
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
+
+#if SPECTR_VNNI
+// e^x in 16 lanes, each lane from its own input alone: 2^n e^r with n = round(x log2 e) and
+// r = x - n ln 2 (ln 2 in two parts, so r is exact enough), e^r by its Taylor polynomial of degree 7
+// (|r| <= ln 2 / 2: relative error below 1e-8, under float's rounding), scaled by 2^n (scalef: 0 below
+// the float range, inf above). x is clamped to [-104, 89] first, which changes no result; NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));  // NaN: the 2nd operand
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// attend_query in 16 lanes, for e a multiple of 16: the same steps, each in an order fixed by the
+// position of a slot in `seen` (scores: one chain of e / 16 multiply-adds and a fixed reduction; the
+// softmax's sum in 16 lanes by position, then reduced; values summed in the order of `seen`).
+void attend_query16(const float* qv, const float* kb, const float* vb, const int32_t* seen, int64_t n, int64_t e,
+                    float scale, float* scores, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // four independent chains at a time
+    const float *k0 = kb + seen[j] * e, *k1 = kb + seen[j + 1] * e, *k2 = kb + seen[j + 2] * e,
+                *k3 = kb + seen[j + 3] * e;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < e; i += 16) {
+      const __m512 query = _mm512_loadu_ps(qv + i);
+      a0 = _mm512_fmadd_ps(query, _mm512_loadu_ps(k0 + i), a0);
+      a1 = _mm512_fmadd_ps(query, _mm512_loadu_ps(k1 + i), a1);
+      a2 = _mm512_fmadd_ps(query, _mm512_loadu_ps(k2 + i), a2);
+      a3 = _mm512_fmadd_ps(query, _mm512_loadu_ps(k3 + i), a3);
+    }
+    scores[j] = _mm512_reduce_add_ps(a0) * scale;
+    scores[j + 1] = _mm512_reduce_add_ps(a1) * scale;
+    scores[j + 2] = _mm512_reduce_add_ps(a2) * scale;
+    scores[j + 3] = _mm512_reduce_add_ps(a3) * scale;
+  }
+  for (; j < n; ++j) {
+    const float* k0 = kb + seen[j] * e;
+    __m512 a0 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < e; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qv + i), _mm512_loadu_ps(k0 + i), a0);
+    scores[j] = _mm512_reduce_add_ps(a0) * scale;
+  }
+  float top = -INFINITY;
+  for (j = 0; j < n; ++j) top = std::max(top, scores[j]);
+  __m512 lanes = _mm512_setzero_ps();
+  for (j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + j),
+                                                                   _mm512_set1_ps(top))));
+    _mm512_mask_storeu_ps(scores + j, live, p);
+    lanes = _mm512_add_ps(lanes, p);
+  }
+  const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(lanes));
+  int64_t i0 = 0;
+  for (; i0 + 64 <= e; i0 += 64) {  // 64 output lanes at a time, kept in registers
+    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps(), c2 = _mm512_setzero_ps(), c3 = _mm512_setzero_ps();
+    for (j = 0; j < n; ++j) {
+      const __m512 p = _mm512_set1_ps(scores[j]);
+      const float* v = vb + seen[j] * e + i0;
+      c0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v), c0);
+      c1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16), c1);
+      c2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 32), c2);
+      c3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 48), c3);
+    }
+    _mm512_storeu_ps(out + i0, _mm512_div_ps(c0, total));
+    _mm512_storeu_ps(out + i0 + 16, _mm512_div_ps(c1, total));
+    _mm512_storeu_ps(out + i0 + 32, _mm512_div_ps(c2, total));
+    _mm512_storeu_ps(out + i0 + 48, _mm512_div_ps(c3, total));
+  }
+  for (; i0 < e; i0 += 16) {
+    __m512 c = _mm512_setzero_ps();
+    for (j = 0; j < n; ++j) c = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), _mm512_loadu_ps(vb + seen[j] * e + i0), c);
+    _mm512_storeu_ps(out + i0, _mm512_div_ps(c, total));
+  }
+}
+#endif
 
 // One query over the slots it may see (`seen`, n slot indices in slot order) of one key/value head:
 // scores, softmax, then the weighted sum of values into out [e]. A slot's score is one chain of fused
@@ -493,31 +675,54 @@ void attend_query(const float* qv, const float* kb, const float* vb, const int32
 #endif
 }
 
-}  // namespace
+void rms_norm_row(const float* x, int64_t d, const float* weight, float eps, float* out) {
+  const float inverse = 1.f / std::sqrt(dot8(x, x, d) / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = weight[i] * (x[i] * inverse);
+}
 
-// The linear layers and norms of one Llama decoder layer, as the Python side describes them.
-struct BlockWeight {
-  const uint8_t* packed;  // spectr_pack's layout
-  const float* bias;      // may be null
-  int64_t bits, n, k;
-};
-
-struct DecoderLayer {
-  const float* attention_norm;  // [D]
-  const float* mlp_norm;        // [D]
-  BlockWeight qkv, output, gate_up, down;
-  int64_t hidden, heads, kv_heads, head_dim, ffn;
-  float eps;
-};
-
-namespace {
-
-void rms_norm_rows(const float* x, int64_t rows, int64_t d, const float* weight, float eps, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * d;
-    const float inverse = 1.f / std::sqrt(dot8(xr, xr, d) / static_cast<float>(d) + eps);
-    for (int64_t i = 0; i < d; ++i) out[r * d + i] = weight[i] * (xr[i] * inverse);
+// out [n] = silu(gate) * up, element by element.
+void silu_times(const float* gate, const float* up, int64_t n, float* out) {
+  int64_t i = 0;
+#if SPECTR_VNNI
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(gate + i);
+    const __m512 sigmoid_inverse = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(x, sigmoid_inverse), _mm512_loadu_ps(up + i)));
   }
+#endif
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+// The attention of queries [B, T, H, E] (a row of T's H queries every query_stride floats), work-shared
+// over the queries; see spectr_attend.
+void attend_team(const float* q, int64_t query_stride, const float* keys, const float* values, const uint8_t* mask,
+                 int64_t batch, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e, int64_t capacity,
+                 int64_t slots, float scale, float* out) {
+  const int64_t group = heads / kv_heads;
+  float* scores = static_cast<float*>(std::malloc(sizeof(float) * slots));
+  int32_t* seen = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * slots));
+#pragma omp for collapse(3) schedule(static)
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        const uint8_t* m = mask + (b * tokens + t) * slots;
+        int64_t n = 0;
+        for (int64_t j = 0; j < slots; ++j)
+          if (m[j]) seen[n++] = static_cast<int32_t>(j);
+        const int64_t g = h / group;
+        const float* query = q + (b * tokens + t) * query_stride + h * e;
+        const float *kb = keys + (b * kv_heads + g) * capacity * e, *vb = values + (b * kv_heads + g) * capacity * e;
+        float* o = out + ((b * tokens + t) * heads + h) * e;
+#if SPECTR_VNNI
+        if (e % 16 == 0) {
+          attend_query16(query, kb, vb, seen, n, e, scale, scores, o);
+          continue;
+        }
+#endif
+        attend_query(query, kb, vb, seen, n, e, scale, scores, o);
+      }
+  std::free(scores);
+  std::free(seen);
 }
 
 // RoPE in transformers' half-split convention, in place on [heads, E] for one token.
@@ -537,7 +742,7 @@ void rotate_heads(float* x, int64_t heads, int64_t e, const float* cos, const fl
 
 extern "C" {
 
-int spectr_kernels_version() { return 7; }
+int spectr_kernels_version() { return 8; }
 
 // The block kernel this build runs: "avx512-vnni", "avx2" or "portable" (all with int16 activations).
 const char* spectr_kernel_path() { return SPECTR_VNNI ? "avx512-vnni" : SPECTR_SIMD ? "avx2" : "portable"; }
@@ -568,41 +773,15 @@ void spectr_pack(const uint8_t* codes, const uint16_t* params, int bits, int64_t
 // y [rows, n] = x [rows, k] @ W.T + bias for W [n, k] in 32-blocks, packed by spectr_pack. bias may be null.
 void spectr_block_linear(const uint8_t* packed, int bits, int64_t n, int64_t k, const float* x, int64_t rows,
                          const float* bias, float* y) {
-#if SPECTR_VNNI
-  vnni_linear(packed, bits, n, k, x, rows, bias, y);
-#else
-  const int64_t blocks = k / BLOCK, padded = padded_blocks(k);
-  const int64_t row_bytes = bits == 4 ? k / 2 : k;
-  const uint8_t* codes = packed;
-  const uint16_t* params = reinterpret_cast<const uint16_t*>(packed + n * row_bytes);
-  int16_t* q = static_cast<int16_t*>(
-      std::aligned_alloc(64, (sizeof(int16_t) * rows * padded * BLOCK + 2 * sizeof(float) * rows * padded + 63) / 64 * 64));
-  float* scales = reinterpret_cast<float*>(q + rows * padded * BLOCK);
-  float* sums = scales + rows * padded;
-  quantize_rows(x, rows, k, q, scales, sums);
-#pragma omp parallel for schedule(static)
-  for (int64_t o = 0; o < n; ++o) {
-    const uint8_t* w = codes + o * row_bytes;
-    const uint16_t* w_scales = params + o * 2 * padded;
-    const float b = bias ? bias[o] : 0.f;
-    float out[ROWS_PER_PASS];
-    // Rows in passes of near-equal size (9 rows: 5 + 4, not 8 + 1); a row's result does not depend on its pass.
-    const int64_t passes = (rows + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
-    for (int64_t pass = 0, r0 = 0; pass < passes; ++pass) {
-      const int64_t nr = rows / passes + (pass < rows % passes ? 1 : 0);
-      const int16_t* qr = q + r0 * padded * BLOCK;
-      if (bits == 4)
-        output_row_chunk<4>(nr, w, w_scales, w_scales + padded, blocks, padded, qr, scales + r0 * padded,
-                            sums + r0 * padded, out);
-      else
-        output_row_chunk<8>(nr, w, w_scales, w_scales + padded, blocks, padded, qr, scales + r0 * padded,
-                            sums + r0 * padded, out);
-      for (int64_t i = 0; i < nr; ++i) y[(r0 + i) * n + o] = out[i] + b;
-      r0 += nr;
-    }
+  void* buffer = std::aligned_alloc(64, activation_bytes(rows, k));
+  const Activations a = activations_in(buffer, rows, k);
+  const BlockWeight w{packed, bias, bits, n, k};
+#pragma omp parallel
+  {
+    quantize_team(x, a);
+    linear_team(w, a, y, false);
   }
-  std::free(q);
-#endif
+  std::free(buffer);
 }
 
 // out [B, T, H, E] = softmax(q . k / sqrt(E), where mask) . v for queries q [B, T, H, E] over the
@@ -612,84 +791,70 @@ void spectr_block_linear(const uint8_t* packed, int bits, int64_t n, int64_t k, 
 void spectr_attend(const float* q, const float* keys, const float* values, const uint8_t* mask, int64_t batch,
                    int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e, int64_t capacity, int64_t slots,
                    float scale, float* out) {
-  const int64_t group = heads / kv_heads;
 #pragma omp parallel
-  {
-    float* scores = static_cast<float*>(std::malloc(sizeof(float) * slots));
-    int32_t* seen = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * slots));
-#pragma omp for collapse(3) schedule(static)
-    for (int64_t b = 0; b < batch; ++b)
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t h = 0; h < heads; ++h) {
-          const uint8_t* m = mask + (b * tokens + t) * slots;
-          int64_t n = 0;
-          for (int64_t j = 0; j < slots; ++j)
-            if (m[j]) seen[n++] = static_cast<int32_t>(j);
-          const int64_t g = h / group;
-          attend_query(q + ((b * tokens + t) * heads + h) * e, keys + (b * kv_heads + g) * capacity * e,
-                       values + (b * kv_heads + g) * capacity * e, seen, n, e, scale, scores,
-                       out + ((b * tokens + t) * heads + h) * e);
-        }
-    std::free(scores);
-    std::free(seen);
-  }
+  attend_team(q, heads * e, keys, values, mask, batch, tokens, heads, kv_heads, e, capacity, slots, scale, out);
 }
-
 
 // One decoder layer over x [B, T, D] in place: x += attention(norm(x)); x += mlp(norm(x)). The new
 // tokens' keys and values go to cache slots start..start+T-1 ([B, G, capacity, E] each); cos, sin
 // [B, T, E] are their rotary tables; mask [B, T, start + T]. Every step is row-wise or row-invariant.
+// One parallel region for the whole layer: its steps are team functions, separated by their barriers.
 void spectr_decoder_layer(const DecoderLayer* layer, float* x, int64_t batch, int64_t tokens, const float* cos,
                           const float* sin, float* keys, float* values, int64_t capacity, int64_t start,
                           const uint8_t* mask) {
   const int64_t rows = batch * tokens, d = layer->hidden, e = layer->head_dim;
   const int64_t h = layer->heads, g = layer->kv_heads, f = layer->ffn;
   const int64_t qkv_width = (h + 2 * g) * e;
-  float* normed = static_cast<float*>(std::malloc(sizeof(float) * rows * (d + qkv_width + h * e + 3 * f + d)));
+  float* normed = static_cast<float*>(std::malloc(sizeof(float) * rows * (d + qkv_width + h * e + 3 * f)));
   float* qkv = normed + rows * d;
   float* attended = qkv + rows * qkv_width;
   float* gate_up = attended + rows * h * e;
   float* hidden = gate_up + rows * 2 * f;
-  float* update = hidden + rows * f;
-  const BlockWeight* w;
-
-  rms_norm_rows(x, rows, d, layer->attention_norm, layer->eps, normed);
-  w = &layer->qkv;
-  spectr_block_linear(w->packed, w->bits, w->n, w->k, normed, rows, w->bias, qkv);
-  float* queries = static_cast<float*>(std::malloc(sizeof(float) * rows * h * e));
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int64_t row = b * tokens + t;
+  // One buffer for every linear layer's quantized input: each is quantized after the last reader of
+  // the one before has passed a barrier.
+  void* buffer = std::aligned_alloc(64, activation_bytes(rows, std::max(std::max(d, h * e), f)));
+  const Activations for_d = activations_in(buffer, rows, d), for_attended = activations_in(buffer, rows, h * e),
+                    for_hidden = activations_in(buffer, rows, f);
+  constexpr int64_t CHUNK = 256;  // of the MLP's hidden units, for the element-wise step
+  const int64_t chunks = (f + CHUNK - 1) / CHUNK;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * d, d, layer->attention_norm, layer->eps, normed + r * d);
+    quantize_team(normed, for_d);
+    linear_team(layer->qkv, for_d, qkv, false);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t b = row / tokens, t = row % tokens;
       float* q = qkv + row * qkv_width;
       float* k = q + h * e;
       const float* v = k + g * e;
       rotate_heads(q, h, e, cos + row * e, sin + row * e);
       rotate_heads(k, g, e, cos + row * e, sin + row * e);
-      std::memcpy(queries + row * h * e, q, sizeof(float) * h * e);
       for (int64_t j = 0; j < g; ++j) {
         const int64_t slot = ((b * g + j) * capacity + start + t) * e;
         std::memcpy(keys + slot, k + j * e, sizeof(float) * e);
         std::memcpy(values + slot, v + j * e, sizeof(float) * e);
       }
     }
-  spectr_attend(queries, keys, values, mask, batch, tokens, h, g, e, capacity, start + tokens,
+    attend_team(qkv, qkv_width, keys, values, mask, batch, tokens, h, g, e, capacity, start + tokens,
                 1.f / std::sqrt(static_cast<float>(e)), attended);
-  std::free(queries);
-  w = &layer->output;
-  spectr_block_linear(w->packed, w->bits, w->n, w->k, attended, rows, w->bias, update);
-  for (int64_t i = 0; i < rows * d; ++i) x[i] += update[i];
+    quantize_team(attended, for_attended);
+    linear_team(layer->output, for_attended, x, true);
 
-  rms_norm_rows(x, rows, d, layer->mlp_norm, layer->eps, normed);
-  w = &layer->gate_up;
-  spectr_block_linear(w->packed, w->bits, w->n, w->k, normed, rows, w->bias, gate_up);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < f; ++i) {
-      const float gate = gate_up[r * 2 * f + i], up = gate_up[r * 2 * f + f + i];
-      hidden[r * f + i] = gate / (1.f + std::exp(-gate)) * up;  // silu(gate) * up
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * d, d, layer->mlp_norm, layer->eps, normed + r * d);
+    quantize_team(normed, for_d);
+    linear_team(layer->gate_up, for_d, gate_up, false);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < rows * chunks; ++c) {
+      const int64_t r = c / chunks, i0 = c % chunks * CHUNK;
+      silu_times(gate_up + r * 2 * f + i0, gate_up + r * 2 * f + f + i0, std::min(CHUNK, f - i0), hidden + r * f + i0);
     }
-  w = &layer->down;
-  spectr_block_linear(w->packed, w->bits, w->n, w->k, hidden, rows, w->bias, update);
-  for (int64_t i = 0; i < rows * d; ++i) x[i] += update[i];
+    quantize_team(hidden, for_hidden);
+    linear_team(layer->down, for_hidden, x, true);
+  }
+  std::free(buffer);
   std::free(normed);
 }
 
