@@ -795,15 +795,17 @@ void spectr_attend(const float* q, const float* keys, const float* values, const
   attend_team(q, heads * e, keys, values, mask, batch, tokens, heads, kv_heads, e, capacity, slots, scale, out);
 }
 
-// One decoder layer over x [B, T, D] in place: x += attention(norm(x)); x += mlp(norm(x)). The new
-// tokens' keys and values go to cache slots start..start+T-1 ([B, G, capacity, E] each); cos, sin
-// [B, T, E] are their rotary tables; mask [B, T, start + T]. Every step is row-wise or row-invariant.
-// One parallel region for the whole layer: its steps are team functions, separated by their barriers.
-void spectr_decoder_layer(const DecoderLayer* layer, float* x, int64_t batch, int64_t tokens, const float* cos,
-                          const float* sin, float* keys, float* values, int64_t capacity, int64_t start,
-                          const uint8_t* mask) {
-  const int64_t rows = batch * tokens, d = layer->hidden, e = layer->head_dim;
-  const int64_t h = layer->heads, g = layer->kv_heads, f = layer->ffn;
+// Decoder layers over x [B, T, D] in place, each x += attention(norm(x)); x += mlp(norm(x)): layers[0..count-1]
+// in order, in one parallel region (every step a team function, separated by its barrier). keys, values:
+// the cache of layers[0] [B, G, capacity, E] each, the next layer's layer_stride floats further; the new
+// tokens' keys and values go to slots start..start+T-1; cos, sin [B, T, E] are their rotary tables; mask
+// [B, T, start + T]. Every step is row-wise or row-invariant. The layers share one shape.
+void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, int64_t batch, int64_t tokens,
+                           const float* cos, const float* sin, float* keys, float* values, int64_t layer_stride,
+                           int64_t capacity, int64_t start, const uint8_t* mask) {
+  const DecoderLayer* shape = layers;
+  const int64_t rows = batch * tokens, d = shape->hidden, e = shape->head_dim;
+  const int64_t h = shape->heads, g = shape->kv_heads, f = shape->ffn;
   const int64_t qkv_width = (h + 2 * g) * e;
   float* normed = static_cast<float*>(std::malloc(sizeof(float) * rows * (d + qkv_width + h * e + 3 * f)));
   float* qkv = normed + rows * d;
@@ -818,7 +820,10 @@ void spectr_decoder_layer(const DecoderLayer* layer, float* x, int64_t batch, in
   constexpr int64_t CHUNK = 256;  // of the MLP's hidden units, for the element-wise step
   const int64_t chunks = (f + CHUNK - 1) / CHUNK;
 #pragma omp parallel
-  {
+  for (int64_t index = 0; index < count; ++index) {
+    const DecoderLayer* layer = layers + index;
+    float* layer_keys = keys + index * layer_stride;
+    float* layer_values = values + index * layer_stride;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * d, d, layer->attention_norm, layer->eps, normed + r * d);
     quantize_team(normed, for_d);
@@ -833,11 +838,11 @@ void spectr_decoder_layer(const DecoderLayer* layer, float* x, int64_t batch, in
       rotate_heads(k, g, e, cos + row * e, sin + row * e);
       for (int64_t j = 0; j < g; ++j) {
         const int64_t slot = ((b * g + j) * capacity + start + t) * e;
-        std::memcpy(keys + slot, k + j * e, sizeof(float) * e);
-        std::memcpy(values + slot, v + j * e, sizeof(float) * e);
+        std::memcpy(layer_keys + slot, k + j * e, sizeof(float) * e);
+        std::memcpy(layer_values + slot, v + j * e, sizeof(float) * e);
       }
     }
-    attend_team(qkv, qkv_width, keys, values, mask, batch, tokens, h, g, e, capacity, start + tokens,
+    attend_team(qkv, qkv_width, layer_keys, layer_values, mask, batch, tokens, h, g, e, capacity, start + tokens,
                 1.f / std::sqrt(static_cast<float>(e)), attended);
     quantize_team(attended, for_attended);
     linear_team(layer->output, for_attended, x, true);
@@ -852,10 +857,17 @@ void spectr_decoder_layer(const DecoderLayer* layer, float* x, int64_t batch, in
       silu_times(gate_up + r * 2 * f + i0, gate_up + r * 2 * f + f + i0, std::min(CHUNK, f - i0), hidden + r * f + i0);
     }
     quantize_team(hidden, for_hidden);
-    linear_team(layer->down, for_hidden, x, true);
+    linear_team(layer->down, for_hidden, x, true);  // its barrier: x is whole before the next layer reads it
   }
   std::free(buffer);
   std::free(normed);
+}
+
+// One decoder layer: spectr_decoder_layers over [layer], with this layer's cache.
+void spectr_decoder_layer(const DecoderLayer* layer, float* x, int64_t batch, int64_t tokens, const float* cos,
+                          const float* sin, float* keys, float* values, int64_t capacity, int64_t start,
+                          const uint8_t* mask) {
+  spectr_decoder_layers(layer, 1, x, batch, tokens, cos, sin, keys, values, 0, capacity, start, mask);
 }
 
 }  // extern "C"

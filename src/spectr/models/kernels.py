@@ -95,6 +95,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.spectr_attend.restype = None
     lib.spectr_decoder_layer.argtypes = [ctypes.c_void_p, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
     lib.spectr_decoder_layer.restype = None
+    lib.spectr_decoder_layers.argtypes = [ctypes.c_void_p, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
+                                          _i64, _ptr]
+    lib.spectr_decoder_layers.restype = None
     return lib
 
 
@@ -202,3 +205,24 @@ class DecoderLayer:
         library().spectr_decoder_layer(ctypes.byref(self.descriptor), x.data_ptr(), batch, tokens, cos.data_ptr(),
                                        sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2], start,
                                        mask.data_ptr())
+
+
+class DecoderStack:
+    """A model's decoder layers run by one kernel call for a whole span of them (one parallel region, one
+    Python call a forward instead of one a layer)."""
+
+    def __init__(self, layers: list[DecoderLayer]):
+        self.layers = layers  # keeps their tensors, and so the descriptors' pointers, alive
+        self.descriptors = (_DecoderLayer * len(layers))(*(layer.descriptor for layer in layers))
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, start: int, mask: Tensor,
+                 first: int = 0, count: int | None = None) -> None:
+        """Layers first..first+count-1 over x [B, T, D] float32 contiguous, updated in place; cos, sin [B, T, E];
+        keys, values: the whole cache [layers, B, G, capacity, E], contiguous; mask [B, T, start + T] bool
+        contiguous."""
+        count = len(self.layers) - first if count is None else count
+        batch, tokens, _ = x.shape
+        library().spectr_decoder_layers(ctypes.byref(self.descriptors, first * ctypes.sizeof(_DecoderLayer)), count,
+                                        x.data_ptr(), batch, tokens, cos.data_ptr(), sin.data_ptr(),
+                                        keys[first].data_ptr(), values[first].data_ptr(), keys.stride(0),
+                                        keys.shape[3], start, mask.data_ptr())

@@ -163,6 +163,14 @@ class LlamaForward:
             layer.fused = kernels.DecoderLayer(
                 layer.attention_norm, layer.mlp_norm, layer.qkv, layer.output, layer.gate_up, layer.down,
                 heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim, eps=c.rms_norm_eps)
+        self._stack = None  # all of them as one kernel call: _fused_stack
+
+    def _fused_stack(self) -> "kernels.DecoderStack":
+        """The layers as one kernel call for a span of them (one Python call a forward), rebuilt if
+        self.layers has changed since."""
+        if self._stack is None or self._stack.layers != [layer.fused for layer in self.layers]:
+            self._stack = kernels.DecoderStack([layer.fused for layer in self.layers])
+        return self._stack
 
     def embed(self, tokens: Tensor) -> Tensor:
         """The input embeddings of tokens [...] -> [..., D]."""
@@ -259,14 +267,16 @@ class LlamaForward:
             raise InvalidInputError("features are only read by a draft head that was trained on them")
         fused = on_kernel and self.fused
         if fused:
-            x = x.float().contiguous()  # updated in place by each layer's kernel
+            x = x.float().contiguous()  # updated in place by the kernel
             cos, sin = cos[:, :, 0].contiguous(), sin[:, :, 0].contiguous()  # [B, T, E]
-        for index, layer in enumerate(self.layers):
-            if fused:
-                layer.fused(x, cos, sin, cache.keys[index], cache.values[index], start, mask)
-                if index in capture:
-                    captured[index] = x.clone()  # the kernel updates x in place
-                continue
+            first, stack = 0, self._fused_stack()
+            for last in sorted(set(capture)) + [len(self.layers) - 1]:
+                if last >= first:
+                    stack(x, cos, sin, cache.keys, cache.values, start, mask, first, last + 1 - first)
+                if last in capture:
+                    captured[last] = x.clone()
+                first = last + 1
+        for index, layer in enumerate(() if fused else self.layers):
             q, k, v = layer.qkv(_rms_norm(x, layer.attention_norm, c.rms_norm_eps)).split(self.qkv_sizes, -1)
             if on_kernel:
                 q = _rotate(q.view(batch, num_new, c.num_heads, c.head_dim), cos, sin)  # [B, T, H, E]
