@@ -38,8 +38,8 @@ _NO_ROWS = torch.tensor([], dtype=torch.long)  # logit_indices: hidden states on
 # The (k, L) of a fixed (iid) shape when the caller gives only one of them or names the tree alone (with no
 # shape at all, settings.decode_settings picks tree 'auto'): the fastest shape of `spectr bench`'s grid on this machine with
 # the shipped draft (docs/CHAT.md: chat prompts, native target, int4 draft). With a draft accepting ~0.3
-# a token, one draft token a step wins at both temperatures (T = 1: 83.5 tok/s, BE 1.33; K-SEQ k = 2, L = 1:
-# 72.4, BE 1.40) -- and still loses to plain sampling (96.7): the draft is what caps speculation today.
+# a token, one draft token a step wins at both temperatures (T = 1: 150-167 tok/s, BE 1.3; K-SEQ k = 2, L = 1:
+# 137, BE 1.39) -- and still loses to plain sampling (186): the draft is what caps speculation today.
 DEFAULT_SHAPE = {"greedy": (1, 1), "sampling": (1, 1)}
 
 

@@ -197,7 +197,11 @@ def render(results: list[ForwardTiming], context: int, new_token_counts: tuple[i
     header += " | " + (" | ".join(f"{n} tok ÷ llama.cpp" for n in new_token_counts) + " | " if peer else "")
     header += "max abs Δlogit | mean TV | max TV | top-1 agree |"
     columns = header.count("|") - 1
+    from spectr.checks import machine
+
     lines = [
+        f"Machine: {machine().describe()}.",
+        "",
         f"Forward over new tokens on top of {context} cached tokens, {torch.get_num_threads()} threads, "
         f"{repeats} interleaved repeats; deviation: next-token distributions vs spectr fp32 over the same "
         f"weights on the same {context}-token text.",
@@ -208,7 +212,7 @@ def render(results: list[ForwardTiming], context: int, new_token_counts: tuple[i
     notes = [
         "",
         "native runs the file's own blocks as stored (Q4_1 / Q4_0 / Q8_0 with their float16 block scales) on "
-        "spectr's row-invariant kernel, one kernel call a layer (where the kernels cannot be built: torch's "
+        "spectr's row-invariant kernel, all layers in one kernel call (where the kernels cannot be built: torch's "
         "int4 kernel, Q8_0 as two exact int4 halves); int4 re-quantizes the dequantized weights to 32-blocks on "
         "the same kernel, int8 per channel on torch's. In decoding, verification runs the LM head only on the "
         "rows the walk reads; these timings include it for every new token. Each precision mode is exact with respect to the "
