@@ -63,3 +63,17 @@ def test_commit_nothing_empties_the_cache():
     cache.write(0, 0, torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1))  # and it fills again from slot 0
     cache.length = 1
     assert _slots(cache) == [1.0]
+
+
+def test_the_transposed_keys_follow_writes_and_commits():
+    # 40 slots: three tiles of 16, the last partly used; the path moves across a tile boundary.
+    cache = KVCache(num_layers=2, batch=1, num_kv_heads=2, capacity=40, head_dim=3, dtype=torch.float32, transposed=True)
+    keys = torch.randn(2, 1, 2, 37, 3)
+    for layer in range(2):
+        cache.write(layer, 0, keys[layer, :, :, :30], torch.zeros(1, 2, 30, 3))
+        cache.write(layer, 30, keys[layer, :, :, 30:], torch.zeros(1, 2, 7, 3))
+    cache.length = 37
+    cache.commit(12, [14, 20, 33])
+    kept = list(range(12)) + [14, 20, 33]
+    assert torch.equal(cache.keys[:, :, :, :15], keys[:, :, :, kept])
+    assert torch.equal(cache.untiled_keys_t()[:, :, :, :15], keys[:, :, :, kept])

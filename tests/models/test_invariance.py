@@ -34,26 +34,36 @@ def test_linear_rows_are_bitwise_invariant(layer, kind, shape):
         assert torch.equal(linear(x[:rows]), alone[:rows]), rows
 
 
+# A short cache, and one long enough that one token's queries are attended a group at a time: the queries
+# packed alone below see ~60% of it, under that length, so the two ways are compared with each other.
 @needs_kernels
-def test_attention_rows_are_bitwise_invariant():
+@pytest.mark.parametrize("capacity, slots", [(40, 37), (1200, 1100)])
+def test_attention_rows_are_bitwise_invariant(capacity, slots):
     """A query's output from the slots it may attend, the same bits whatever else is masked or present."""
     torch.manual_seed(0)
-    keys, values = torch.randn(2, 1, 3, 40, 64), torch.randn(2, 1, 3, 40, 64)  # [B=1, G, capacity, E]
+    keys, values = torch.randn(2, 1, 3, capacity, 64), torch.randn(2, 1, 3, capacity, 64)  # [B=1, G, capacity, E]
     queries = torch.randn(1, 6, 9, 64)
-    mask = torch.rand(1, 6, 37) < 0.6
-    mask[0, torch.arange(6), 31 + torch.arange(6)] = True
-    together = kernels.attend(queries, keys[0], values[0], mask, 37)
+    mask = torch.rand(1, 6, slots) < 0.6
+    mask[0, torch.arange(6), slots - 6 + torch.arange(6)] = True
+    def transposed(k):  # what a cache keeps beside the keys where this machine's kernel reads it
+        return kernels.tile_keys(k) if kernels.transposed_keys() else None
+
+    together = kernels.attend(queries, keys[0], values[0], mask, slots, transposed(keys[0]))
     for t in range(6):
         seen = mask[0, t].nonzero()[:, 0]
         # The same keys packed densely into other slots of another cache, attended alone.
-        packed_keys, packed_values = torch.zeros(1, 3, 40, 64), torch.zeros(1, 3, 40, 64)
+        packed_keys, packed_values = torch.zeros(1, 3, capacity, 64), torch.zeros(1, 3, capacity, 64)
         packed_keys[0, :, : len(seen)], packed_values[0, :, : len(seen)] = keys[0, 0][:, seen], values[0, 0][:, seen]
         alone = kernels.attend(queries[:, t : t + 1], packed_keys, packed_values,
-                               torch.ones(1, 1, len(seen), dtype=torch.bool), len(seen))
+                               torch.ones(1, 1, len(seen), dtype=torch.bool), len(seen), transposed(packed_keys))
         assert torch.equal(alone[0, 0], together[0, t]), t
+        # And alone over the whole cache, the others masked out.
+        masked = kernels.attend(queries[:, t : t + 1], keys[0], values[0], mask[:, t : t + 1], slots,
+                                transposed(keys[0]))
+        assert torch.equal(masked[0, 0], together[0, t]), t
     expected = torch.nn.functional.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys[0, :, :, :37].repeat_interleave(3, 1), values[0, :, :, :37].repeat_interleave(3, 1),
-        attn_mask=mask[:, None]).transpose(1, 2)
+        queries.transpose(1, 2), keys[0, :, :, :slots].repeat_interleave(3, 1),
+        values[0, :, :, :slots].repeat_interleave(3, 1), attn_mask=mask[:, None]).transpose(1, 2)
     torch.testing.assert_close(together, expected, atol=1e-5, rtol=1e-5)
 
 

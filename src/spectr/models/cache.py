@@ -16,11 +16,17 @@ from spectr.errors import ContextOverflowError, InvalidInputError
 
 class KVCache:
     def __init__(
-        self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype
+        self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+        transposed: bool = False,
     ):
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype)  # [layers, B, kv_heads, capacity, head_dim]
         self.values = torch.zeros(shape, dtype=dtype)
+        # The keys again, transposed by tiles of 16 slots, [layers, B, kv_heads, tiles, head_dim, 16] (slot s
+        # at tile s // 16, lane s % 16), for an attention kernel that scores 16 slots an instruction and
+        # reads a tile in order; kept in step with `keys` by write and commit.
+        tiles = -(-capacity // 16)
+        self.keys_t = torch.zeros(shape[:3] + (tiles, head_dim, 16), dtype=dtype) if transposed else None
         self.capacity = capacity
         self.length = 0
 
@@ -36,8 +42,16 @@ class KVCache:
         """Store keys/values [B, kv_heads, T, head_dim] at slots start.. and return all slots up to them."""
         end = start + keys.shape[2]
         self.keys[layer, :, :, start:end] = keys
+        if self.keys_t is not None:
+            slots = torch.arange(start, end)
+            self.keys_t[layer][:, :, slots // 16, :, slots % 16] = keys.permute(2, 0, 1, 3)  # [T, B, G, E]
         self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def untiled_keys_t(self) -> Tensor:
+        """keys_t back in the layout of `keys` (a check that they agree)."""
+        layers, batch, heads, tiles, head_dim, _ = self.keys_t.shape
+        return self.keys_t.transpose(-1, -2).reshape(layers, batch, heads, tiles * 16, head_dim)[:, :, :, : self.capacity]
 
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on."""
@@ -60,5 +74,8 @@ class KVCache:
                 source = torch.tensor(slots[moved:])
                 target = slice(prefix + moved, prefix + len(slots))
                 self.keys[:, :, :, target] = self.keys[:, :, :, source]
+                if self.keys_t is not None:
+                    into = torch.arange(target.start, target.stop)
+                    self.keys_t[:, :, :, into // 16, :, into % 16] = self.keys_t[:, :, :, source // 16, :, source % 16]
                 self.values[:, :, :, target] = self.values[:, :, :, source]
         self.length = prefix + len(slots)

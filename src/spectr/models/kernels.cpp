@@ -34,7 +34,7 @@
 #else
 #define SPECTR_SIMD 0
 #endif
-#if SPECTR_SIMD && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if SPECTR_SIMD && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define SPECTR_VNNI 1
 #else
 #define SPECTR_VNNI 0
@@ -534,65 +534,98 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// attend_query in 16 lanes, for e a multiple of 16: the same steps, each in an order fixed by the
-// position of a slot in `seen` (scores: one chain of e / 16 multiply-adds and a fixed reduction; the
-// softmax's sum in 16 lanes by position, then reduced; values summed in the order of `seen`).
-void attend_query16(const float* qv, const float* kb, const float* vb, const int32_t* seen, int64_t n, int64_t e,
-                    float scale, float* scores, float* out) {
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {  // four independent chains at a time
-    const float *k0 = kb + seen[j] * e, *k1 = kb + seen[j + 1] * e, *k2 = kb + seen[j + 2] * e,
-                *k3 = kb + seen[j + 3] * e;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t i = 0; i < e; i += 16) {
-      const __m512 query = _mm512_loadu_ps(qv + i);
-      a0 = _mm512_fmadd_ps(query, _mm512_loadu_ps(k0 + i), a0);
-      a1 = _mm512_fmadd_ps(query, _mm512_loadu_ps(k1 + i), a1);
-      a2 = _mm512_fmadd_ps(query, _mm512_loadu_ps(k2 + i), a2);
-      a3 = _mm512_fmadd_ps(query, _mm512_loadu_ps(k3 + i), a3);
+// The attention of up to 6 queries of one key/value head at once (the heads of a group, for one or a few
+// tokens), e a multiple of 16, over keys stored transposed in tiles of 16 slots (kt [capacity / 16, E, 16]:
+// per tile, a row of 16 slots per component, so a tile is 4 KB read in order for a head of 64; SparQ keeps
+// its keys by component too). The scores of 16 slots are e multiply-adds into 16 lanes, each slot's score an fma
+// chain over the components in order (q0 k0, + q1 k1, ...) whatever its lane, so 4 instructions a score
+// for a head of 64 and no horizontal sums; each key and value row is read once for all the queries (at
+// long contexts reading the cache is the cost). The softmax and the weighted sum of values then run over
+// the slots a query sees, in slot order, a term's lane fixed by its place in that list: a query's result
+// depends only on the keys and values it sees, not on which other slots exist or which queries share
+// the pass. scores: NQ x (slots + 16) floats of scratch.
+template <int NQ>
+void attend_queries_t(const float* const* queries, const uint8_t* const* masks, const float* kt, const float* vb,
+                      int64_t slots, int64_t e, float scale, float* scores, float* const* outs) {
+  const int64_t stride = slots + 16;
+  int64_t n[NQ];
+  for (int i = 0; i < NQ; ++i) n[i] = 0;
+  for (int64_t j = 0; j < slots; j += 16) {
+    const int64_t width = std::min<int64_t>(16, slots - j);
+    const __mmask16 live = width == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << width) - 1);
+    __m512 acc[NQ];
+    for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < e; ++l) {
+      const __m512 k = _mm512_maskz_loadu_ps(live, kt + (j * e + l * 16));  // tile j / 16, row l
+      for (int i = 0; i < NQ; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(queries[i][l]), k, acc[i]);
     }
-    scores[j] = _mm512_reduce_add_ps(a0) * scale;
-    scores[j + 1] = _mm512_reduce_add_ps(a1) * scale;
-    scores[j + 2] = _mm512_reduce_add_ps(a2) * scale;
-    scores[j + 3] = _mm512_reduce_add_ps(a3) * scale;
-  }
-  for (; j < n; ++j) {
-    const float* k0 = kb + seen[j] * e;
-    __m512 a0 = _mm512_setzero_ps();
-    for (int64_t i = 0; i < e; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qv + i), _mm512_loadu_ps(k0 + i), a0);
-    scores[j] = _mm512_reduce_add_ps(a0) * scale;
-  }
-  float top = -INFINITY;
-  for (j = 0; j < n; ++j) top = std::max(top, scores[j]);
-  __m512 lanes = _mm512_setzero_ps();
-  for (j = 0; j < n; j += 16) {
-    const __mmask16 live = n - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
-    const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + j),
-                                                                   _mm512_set1_ps(top))));
-    _mm512_mask_storeu_ps(scores + j, live, p);
-    lanes = _mm512_add_ps(lanes, p);
-  }
-  const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(lanes));
-  int64_t i0 = 0;
-  for (; i0 + 64 <= e; i0 += 64) {  // 64 output lanes at a time, kept in registers
-    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps(), c2 = _mm512_setzero_ps(), c3 = _mm512_setzero_ps();
-    for (j = 0; j < n; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[j]);
-      const float* v = vb + seen[j] * e + i0;
-      c0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v), c0);
-      c1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16), c1);
-      c2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 32), c2);
-      c3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 48), c3);
+    for (int i = 0; i < NQ; ++i) {  // keep the scores of the slots this query sees, in slot order
+      const __mmask16 seen = _mm_mask_cmpneq_epi8_mask(live, _mm_maskz_loadu_epi8(live, masks[i] + j), _mm_setzero_si128());
+      _mm512_mask_compressstoreu_ps(scores + i * stride + n[i], seen, _mm512_mul_ps(acc[i], _mm512_set1_ps(scale)));
+      n[i] += __builtin_popcount(seen);
     }
-    _mm512_storeu_ps(out + i0, _mm512_div_ps(c0, total));
-    _mm512_storeu_ps(out + i0 + 16, _mm512_div_ps(c1, total));
-    _mm512_storeu_ps(out + i0 + 32, _mm512_div_ps(c2, total));
-    _mm512_storeu_ps(out + i0 + 48, _mm512_div_ps(c3, total));
   }
-  for (; i0 < e; i0 += 16) {
-    __m512 c = _mm512_setzero_ps();
-    for (j = 0; j < n; ++j) c = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), _mm512_loadu_ps(vb + seen[j] * e + i0), c);
-    _mm512_storeu_ps(out + i0, _mm512_div_ps(c, total));
+  __m512 totals[NQ];
+  for (int i = 0; i < NQ; ++i) {
+    float* own = scores + i * stride;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n[i]; ++j) top = std::max(top, own[j]);
+    __m512 lanes = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n[i]; j += 16) {
+      const __mmask16 live = n[i] - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n[i] - j)) - 1);
+      const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, own + j),
+                                                                     _mm512_set1_ps(top))));
+      _mm512_mask_storeu_ps(own + j, live, p);
+      lanes = _mm512_add_ps(lanes, p);
+    }
+    totals[i] = _mm512_set1_ps(_mm512_reduce_add_ps(lanes));
+  }
+  if (e % 64 == 0) {
+    for (int64_t c = 0; c < e; c += 64) {  // 64 lanes of the values at a time, 4 registers a query
+      __m512 acc[NQ][4];
+      int64_t at[NQ];
+      for (int i = 0; i < NQ; ++i) {
+        at[i] = 0;
+        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+      }
+      for (int64_t j = 0; j < slots; ++j) {
+        const float* v = vb + j * e + c;
+        for (int i = 0; i < NQ; ++i) {
+          if (!masks[i][j]) continue;
+          const __m512 p = _mm512_set1_ps(scores[i * stride + at[i]++]);
+          acc[i][0] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v), acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16), acc[i][1]);
+          acc[i][2] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 32), acc[i][2]);
+          acc[i][3] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 48), acc[i][3]);
+        }
+      }
+      for (int i = 0; i < NQ; ++i)
+        for (int u = 0; u < 4; ++u) _mm512_storeu_ps(outs[i] + c + 16 * u, _mm512_div_ps(acc[i][u], totals[i]));
+    }
+    return;
+  }
+  for (int64_t c = 0; c < e; c += 16) {  // one 16-lane column of the values at a time: the same sums
+    __m512 acc[NQ];
+    int64_t at[NQ];
+    for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps(), at[i] = 0;
+    for (int64_t j = 0; j < slots; ++j) {
+      const __m512 v = _mm512_loadu_ps(vb + j * e + c);
+      for (int i = 0; i < NQ; ++i)
+        if (masks[i][j]) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(scores[i * stride + at[i]++]), v, acc[i]);
+    }
+    for (int i = 0; i < NQ; ++i) _mm512_storeu_ps(outs[i] + c, _mm512_div_ps(acc[i], totals[i]));
+  }
+}
+
+void attend_queries_t(int nq, const float* const* queries, const uint8_t* const* masks, const float* kt,
+                      const float* vb, int64_t slots, int64_t e, float scale, float* scores, float* const* outs) {
+  switch (nq) {
+    case 1: attend_queries_t<1>(queries, masks, kt, vb, slots, e, scale, scores, outs); break;
+    case 2: attend_queries_t<2>(queries, masks, kt, vb, slots, e, scale, scores, outs); break;
+    case 3: attend_queries_t<3>(queries, masks, kt, vb, slots, e, scale, scores, outs); break;
+    case 4: attend_queries_t<4>(queries, masks, kt, vb, slots, e, scale, scores, outs); break;
+    case 5: attend_queries_t<5>(queries, masks, kt, vb, slots, e, scale, scores, outs); break;
+    default: attend_queries_t<6>(queries, masks, kt, vb, slots, e, scale, scores, outs); break;
   }
 }
 #endif
@@ -693,12 +726,47 @@ void silu_times(const float* gate, const float* up, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
+// Slots rounded up to whole tiles of 16, for the transposed keys.
+inline int64_t tiled(int64_t capacity) { return (capacity + 15) / 16 * 16; }
+
 // The attention of queries [B, T, H, E] (a row of T's H queries every query_stride floats), work-shared
-// over the queries; see spectr_attend.
-void attend_team(const float* q, int64_t query_stride, const float* keys, const float* values, const uint8_t* mask,
-                 int64_t batch, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e, int64_t capacity,
-                 int64_t slots, float scale, float* out) {
+// over the queries; see spectr_attend. keys_t: the keys transposed by tiles [B, G, tiled(capacity) / 16, E, 16],
+// or null.
+void attend_team(const float* q, int64_t query_stride, const float* keys, const float* keys_t, const float* values,
+                 const uint8_t* mask, int64_t batch, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e,
+                 int64_t capacity, int64_t slots, float scale, float* out) {
   const int64_t group = heads / kv_heads;
+#if SPECTR_VNNI
+  constexpr int64_t MOST = 6;  // queries a task (their accumulators fill the vector registers)
+  if (keys_t != nullptr && e % 16 == 0) {
+    // The queries of a group, and of as many tokens as fit, in one task; one token over a short cache
+    // keeps one query a task, for balance. The same bits either way.
+    const int64_t block = group <= MOST && (tokens > 1 || slots >= 1024) ? std::max<int64_t>(1, MOST / group) : 0;
+    const int64_t per_group = block ? (tokens + block - 1) / block : tokens * group;  // tasks a key/value head
+    float* scores = static_cast<float*>(std::malloc(sizeof(float) * MOST * (slots + 16)));
+#pragma omp for collapse(3) schedule(static)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t g = 0; g < kv_heads; ++g)
+        for (int64_t task = 0; task < per_group; ++task) {
+          const float* queries[MOST];
+          const uint8_t* masks[MOST];
+          float* outs[MOST];
+          int nq = 0;
+          const int64_t t0 = block ? task * block : task / group, t1 = block ? std::min(tokens, t0 + block) : t0 + 1;
+          for (int64_t t = t0; t < t1; ++t)
+            for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+              if (!block && h != g * group + task % group) continue;
+              queries[nq] = q + (b * tokens + t) * query_stride + h * e;
+              masks[nq] = mask + (b * tokens + t) * slots;
+              outs[nq++] = out + ((b * tokens + t) * heads + h) * e;
+            }
+          attend_queries_t(nq, queries, masks, keys_t + (b * kv_heads + g) * e * tiled(capacity),
+                           values + (b * kv_heads + g) * capacity * e, slots, e, scale, scores, outs);
+        }
+    std::free(scores);
+    return;
+  }
+#endif
   float* scores = static_cast<float*>(std::malloc(sizeof(float) * slots));
   int32_t* seen = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * slots));
 #pragma omp for collapse(3) schedule(static)
@@ -712,14 +780,7 @@ void attend_team(const float* q, int64_t query_stride, const float* keys, const 
         const int64_t g = h / group;
         const float* query = q + (b * tokens + t) * query_stride + h * e;
         const float *kb = keys + (b * kv_heads + g) * capacity * e, *vb = values + (b * kv_heads + g) * capacity * e;
-        float* o = out + ((b * tokens + t) * heads + h) * e;
-#if SPECTR_VNNI
-        if (e % 16 == 0) {
-          attend_query16(query, kb, vb, seen, n, e, scale, scores, o);
-          continue;
-        }
-#endif
-        attend_query(query, kb, vb, seen, n, e, scale, scores, o);
+        attend_query(query, kb, vb, seen, n, e, scale, scores, out + ((b * tokens + t) * heads + h) * e);
       }
   std::free(scores);
   std::free(seen);
@@ -742,9 +803,13 @@ void rotate_heads(float* x, int64_t heads, int64_t e, const float* cos, const fl
 
 extern "C" {
 
-int spectr_kernels_version() { return 8; }
+int spectr_kernels_version() { return 9; }
 
 // The block kernel this build runs: "avx512-vnni", "avx2" or "portable" (all with int16 activations).
+// Whether this build's attention reads the keys transposed too (by tiles of 16 slots, [B, G, tiles, E, 16],
+// beside [B, G, capacity, E]).
+int spectr_transposed_keys() { return SPECTR_VNNI; }
+
 const char* spectr_kernel_path() { return SPECTR_VNNI ? "avx512-vnni" : SPECTR_SIMD ? "avx2" : "portable"; }
 
 // The row layout, what spectr_pack takes: codes (4-bit: [n, k/2] bytes, byte j of a block holding input j
@@ -788,21 +853,26 @@ void spectr_block_linear(const uint8_t* packed, int bits, int64_t n, int64_t k, 
 // cache keys/values [B, G, capacity, E] (slots 0..S-1 in use), mask [B, T, S] (1: may attend).
 // A query's result depends only on the keys and values it may attend, taken in slot order: the
 // same bits whether the other slots are masked out or absent.
-void spectr_attend(const float* q, const float* keys, const float* values, const uint8_t* mask, int64_t batch,
-                   int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e, int64_t capacity, int64_t slots,
-                   float scale, float* out) {
+// keys_t: the same keys transposed by tiles of 16 slots, [B, G, tiled(capacity) / 16, E, 16], where
+// spectr_transposed_keys() asks for them (or null).
+void spectr_attend(const float* q, const float* keys, const float* keys_t, const float* values, const uint8_t* mask,
+                   int64_t batch, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e, int64_t capacity,
+                   int64_t slots, float scale, float* out) {
 #pragma omp parallel
-  attend_team(q, heads * e, keys, values, mask, batch, tokens, heads, kv_heads, e, capacity, slots, scale, out);
+  attend_team(q, heads * e, keys, keys_t, values, mask, batch, tokens, heads, kv_heads, e, capacity, slots, scale, out);
 }
 
 // Decoder layers over x [B, T, D] in place, each x += attention(norm(x)); x += mlp(norm(x)): layers[0..count-1]
 // in order, in one parallel region (every step a team function, separated by its barrier). keys, values:
-// the cache of layers[0] [B, G, capacity, E] each, the next layer's layer_stride floats further; the new
+// the cache of layers[0] [B, G, capacity, E] each, the next layer's layer_stride floats further (keys_t, the
+// keys transposed by tiles [B, G, tiled(capacity) / 16, E, 16], their layer_stride_t floats apart, where
+// spectr_transposed_keys(); else null); the new
 // tokens' keys and values go to slots start..start+T-1; cos, sin [B, T, E] are their rotary tables; mask
 // [B, T, start + T]. Every step is row-wise or row-invariant. The layers share one shape.
 void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, int64_t batch, int64_t tokens,
-                           const float* cos, const float* sin, float* keys, float* values, int64_t layer_stride,
-                           int64_t capacity, int64_t start, const uint8_t* mask) {
+                           const float* cos, const float* sin, float* keys, float* keys_t, float* values,
+                           int64_t layer_stride, int64_t layer_stride_t, int64_t capacity, int64_t start,
+                           const uint8_t* mask) {
   const DecoderLayer* shape = layers;
   const int64_t rows = batch * tokens, d = shape->hidden, e = shape->head_dim;
   const int64_t h = shape->heads, g = shape->kv_heads, f = shape->ffn;
@@ -823,6 +893,7 @@ void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, 
   for (int64_t index = 0; index < count; ++index) {
     const DecoderLayer* layer = layers + index;
     float* layer_keys = keys + index * layer_stride;
+    float* layer_keys_t = keys_t ? keys_t + index * layer_stride_t : nullptr;
     float* layer_values = values + index * layer_stride;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * d, d, layer->attention_norm, layer->eps, normed + r * d);
@@ -840,9 +911,14 @@ void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, 
         const int64_t slot = ((b * g + j) * capacity + start + t) * e;
         std::memcpy(layer_keys + slot, k + j * e, sizeof(float) * e);
         std::memcpy(layer_values + slot, v + j * e, sizeof(float) * e);
+        if (layer_keys_t) {
+          const int64_t at = start + t;
+          float* tile = layer_keys_t + ((b * g + j) * tiled(capacity) + at / 16 * 16) * e + at % 16;
+          for (int64_t l = 0; l < e; ++l) tile[l * 16] = k[j * e + l];
+        }
       }
     }
-    attend_team(qkv, qkv_width, layer_keys, layer_values, mask, batch, tokens, h, g, e, capacity, start + tokens,
+    attend_team(qkv, qkv_width, layer_keys, layer_keys_t, layer_values, mask, batch, tokens, h, g, e, capacity, start + tokens,
                 1.f / std::sqrt(static_cast<float>(e)), attended);
     quantize_team(attended, for_attended);
     linear_team(layer->output, for_attended, x, true);
@@ -867,7 +943,7 @@ void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, 
 void spectr_decoder_layer(const DecoderLayer* layer, float* x, int64_t batch, int64_t tokens, const float* cos,
                           const float* sin, float* keys, float* values, int64_t capacity, int64_t start,
                           const uint8_t* mask) {
-  spectr_decoder_layers(layer, 1, x, batch, tokens, cos, sin, keys, values, 0, capacity, start, mask);
+  spectr_decoder_layers(layer, 1, x, batch, tokens, cos, sin, keys, nullptr, values, 0, 0, capacity, start, mask);
 }
 
 }  // extern "C"

@@ -90,13 +90,15 @@ def load(path: Path) -> ctypes.CDLL:
     lib.spectr_pack.restype = None
     lib.spectr_kernel_path.argtypes = []
     lib.spectr_kernel_path.restype = ctypes.c_char_p
-    lib.spectr_attend.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
+    lib.spectr_attend.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
                                   ctypes.c_float, _ptr]
     lib.spectr_attend.restype = None
     lib.spectr_decoder_layer.argtypes = [ctypes.c_void_p, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
     lib.spectr_decoder_layer.restype = None
-    lib.spectr_decoder_layers.argtypes = [ctypes.c_void_p, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
-                                          _i64, _ptr]
+    lib.spectr_decoder_layers.argtypes = [ctypes.c_void_p, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64,
+                                          _i64, _i64, _i64, _ptr]
+    lib.spectr_transposed_keys.argtypes = []
+    lib.spectr_transposed_keys.restype = ctypes.c_int
     lib.spectr_decoder_layers.restype = None
     return lib
 
@@ -148,15 +150,33 @@ def block_linear(packed: Tensor, bits: int, n: int, k: int, x: Tensor, bias: Ten
     return out.view(*x.shape[:-1], n)
 
 
-def attend(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, slots: int) -> Tensor:
+def transposed_keys() -> bool:
+    """Whether this machine's attention kernel also reads the keys transposed (a cache keeps both then)."""
+    return library() is not None and bool(library().spectr_transposed_keys())
+
+
+def tile_keys(keys: Tensor) -> Tensor:
+    """Keys [..., capacity, E] transposed by tiles of 16 slots: [..., ceil(capacity / 16), E, 16], contiguous."""
+    *lead, capacity, head_dim = keys.shape
+    tiles = -(-capacity // 16)
+    padded = torch.zeros(*lead, tiles * 16, head_dim, dtype=keys.dtype)
+    padded[..., :capacity, :] = keys
+    return padded.view(*lead, tiles, 16, head_dim).transpose(-1, -2).contiguous()
+
+
+def attend(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, slots: int,
+           keys_t: Tensor | None = None) -> Tensor:
     """Row-invariant attention. queries [B, T, H, E] float32; keys, values: a layer's whole cache
-    [B, G, capacity, E] float32 (slots 0..slots-1 in use); mask [B, T, slots] bool. Returns [B, T, H, E]."""
+    [B, G, capacity, E] float32 (slots 0..slots-1 in use); keys_t: the same keys transposed by tiles of 16
+    slots, [B, G, tiles, E, 16] (`tile_keys`; read where transposed_keys(), optional); mask [B, T, slots]
+    bool. Returns [B, T, H, E]."""
     batch, tokens, heads, head_dim = queries.shape
     queries = queries.contiguous()
     mask = mask.contiguous()
     out = torch.empty_like(queries)
-    library().spectr_attend(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), mask.data_ptr(), batch, tokens,
-                            heads, keys.shape[1], head_dim, keys.shape[2], slots, head_dim ** -0.5, out.data_ptr())
+    library().spectr_attend(queries.data_ptr(), keys.data_ptr(), None if keys_t is None else keys_t.data_ptr(),
+                            values.data_ptr(), mask.data_ptr(), batch, tokens, heads, keys.shape[1], head_dim,
+                            keys.shape[2], slots, head_dim ** -0.5, out.data_ptr())
     return out
 
 
@@ -216,13 +236,15 @@ class DecoderStack:
         self.descriptors = (_DecoderLayer * len(layers))(*(layer.descriptor for layer in layers))
 
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, start: int, mask: Tensor,
-                 first: int = 0, count: int | None = None) -> None:
+                 first: int = 0, count: int | None = None, keys_t: Tensor | None = None) -> None:
         """Layers first..first+count-1 over x [B, T, D] float32 contiguous, updated in place; cos, sin [B, T, E];
-        keys, values: the whole cache [layers, B, G, capacity, E], contiguous; mask [B, T, start + T] bool
-        contiguous."""
+        keys, values: the whole cache [layers, B, G, capacity, E], contiguous (keys_t: the keys transposed by
+        tiles, [layers, B, G, tiles, E, 16], or None); mask [B, T, start + T] bool contiguous."""
         count = len(self.layers) - first if count is None else count
         batch, tokens, _ = x.shape
         library().spectr_decoder_layers(ctypes.byref(self.descriptors, first * ctypes.sizeof(_DecoderLayer)), count,
                                         x.data_ptr(), batch, tokens, cos.data_ptr(), sin.data_ptr(),
-                                        keys[first].data_ptr(), values[first].data_ptr(), keys.stride(0),
-                                        keys.shape[3], start, mask.data_ptr())
+                                        keys[first].data_ptr(), None if keys_t is None else keys_t[first].data_ptr(),
+                                        values[first].data_ptr(), keys.stride(0),
+                                        0 if keys_t is None else keys_t.stride(0), keys.shape[3], start,
+                                        mask.data_ptr())

@@ -196,7 +196,8 @@ class LlamaForward:
                 f"a cache of {capacity} tokens was asked for; the model's context is {self.config.context_length}"
             )
         c = self.config
-        return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.dtype)
+        return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.dtype,
+                       transposed=self.kernel_attention and kernels.transposed_keys())
 
     def _check(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor) -> None:
         if tokens.ndim != 2 or tokens.dtype != torch.long:
@@ -272,7 +273,7 @@ class LlamaForward:
             first, stack = 0, self._fused_stack()
             for last in sorted(set(capture)) + [len(self.layers) - 1]:
                 if last >= first:
-                    stack(x, cos, sin, cache.keys, cache.values, start, mask, first, last + 1 - first)
+                    stack(x, cos, sin, cache.keys, cache.values, start, mask, first, last + 1 - first, cache.keys_t)
                 if last in capture:
                     captured[last] = x.clone()
                 first = last + 1
@@ -283,7 +284,8 @@ class LlamaForward:
                 k = _rotate(k.view(batch, num_new, c.num_kv_heads, c.head_dim), cos, sin)
                 v = v.view(batch, num_new, c.num_kv_heads, c.head_dim)
                 cache.write(index, start, k.transpose(1, 2), v.transpose(1, 2))
-                attended = kernels.attend(q, cache.keys[index], cache.values[index], mask, start + num_new)
+                attended = kernels.attend(q, cache.keys[index], cache.values[index], mask, start + num_new,
+                                          None if cache.keys_t is None else cache.keys_t[index])
                 x = x + layer.output(attended.view(batch, num_new, -1))
                 gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
                 x = x + layer.down(F.silu(gate) * up)
