@@ -31,7 +31,8 @@ def _fail(error: Exception) -> None:
 TARGET = typer.Option("default", "--target", help="Target model folder or .gguf (default: SmolLM2-135M-Instruct).")
 DRAFT = typer.Option("default", "--draft",
                      help="'default' (the shipped trained draft of the default target, else n-gram), 'ngram', "
-                          "a trained draft folder, or a draft model folder / .gguf.")
+                          "a trained draft folder, a draft model folder / .gguf, or the target itself with layers "
+                          "skipped: 'self-skip' (the middle third) or 'self-skip:8-21' (no training, any model).")
 PRECISION = typer.Option(DEFAULT_PRECISION, "--precision",
                          help="native (the file's own quantization), fp32, bf16, int8 or int4 (re-quantized).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the target (fp32/bf16; ~40 s per shape bucket).")

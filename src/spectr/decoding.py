@@ -238,6 +238,8 @@ class Decoder:
         cache = self.target.new_cache(needed)
         if self.drafter is not None:
             self.drafter.reset(needed + self.settings.draft_nodes - self.settings.tree_size)
+            if getattr(self.drafter, "shares_target_cache", False):  # a self-draft drafts in the target's cache
+                self.drafter.attach_cache(cache)
         text = list(prompt)
         history = TokenHistory(self.target.config.vocab_size, text) if self.params.reads_history else None
         self._law = self.params if history is None else replace(self.params, history=history)

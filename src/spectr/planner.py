@@ -91,6 +91,11 @@ def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context:
         params, generator = SamplingParams(temperature=1.0), torch.Generator().manual_seed(0)
         feed = getattr(drafter, "uses_target_features", False)
         drafter.reset(len(text) + max_length + 2)
+        shared = None  # a self-draft drafts in the target's cache, which holds the text but the root
+        if getattr(drafter, "shares_target_cache", False):
+            shared = target.new_cache(len(text) + repeats * max_length + max_length + 2)
+            target.forward(torch.tensor([text[:context]]), torch.arange(context), shared, logit_indices=no_rows)
+            drafter.attach_cache(shared)
         if feed:
             drafter.observe(_zero_features(drafter, context))
         root = context  # text[: root + 1] ends with the root
@@ -101,6 +106,8 @@ def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context:
             for _ in range(repeats):
                 if feed:
                     drafter.observe(_zero_features(drafter, 1))
+                if shared is not None:  # the target takes the root in, as a step would
+                    target.forward(torch.tensor([[text[root]]]), torch.tensor([root]), shared, logit_indices=no_rows)
                 root += 1
                 start = time.perf_counter()
                 drafter.propose(text[: root + 1], 1, length, params, generator)

@@ -95,6 +95,7 @@ class LlamaForward:
     """forward(tokens, positions, cache, attention_mask) -> logits, over weights in one precision mode."""
 
     backend = "spectr"
+    supports_skip = True  # forward(skip=...) leaves layers out (self-speculative drafts)
     captures_layers = True  # forward(capture=...) returns chosen layers' outputs
 
     def __init__(
@@ -231,6 +232,7 @@ class LlamaForward:
         logit_indices: Tensor | None = None,
         features: Tensor | None = None,
         capture: tuple[int, ...] = (),
+        skip: frozenset[int] = frozenset(),
     ) -> ForwardOutput:
         """Run tokens [B, T] at positions [B, T] (or [T]) over `cache`, writing their keys and values.
 
@@ -239,6 +241,8 @@ class LlamaForward:
         tokens need logits (all by default; the LM head is a large share of the cost).
         features: [B, T, D], only for a draft head that reads the target's features.
         capture: layers whose output (the residual stream after them) to return as `layers`.
+        skip: layers not to run (a cheaper model for self-speculative drafting: the residual stream passes
+        them unchanged, and their cache slots for these tokens are left as they were).
         """
         batch, num_new = tokens.shape if tokens.ndim == 2 else (0, 0)
         positions = positions.expand(batch, -1) if positions.ndim == 1 else positions
@@ -246,6 +250,9 @@ class LlamaForward:
         self._check(tokens, positions, cache, mask)
         if any(not 0 <= i < self.config.num_layers for i in capture):
             raise InvalidInputError(f"capture names layers {capture}; this model has {self.config.num_layers}")
+        if any(not 0 <= i < self.config.num_layers for i in skip) or set(capture) & set(skip):
+            raise InvalidInputError(f"skip names layers {sorted(skip)}: each must be one of the model's "
+                                    f"{self.config.num_layers} and not a captured one {capture}")
         captured = {}
         start = cache.reserve(num_new)
         c = self.config
@@ -270,14 +277,14 @@ class LlamaForward:
         if fused:
             x = x.float().contiguous()  # updated in place by the kernel
             cos, sin = cos[:, :, 0].contiguous(), sin[:, :, 0].contiguous()  # [B, T, E]
-            first, stack = 0, self._fused_stack()
-            for last in sorted(set(capture)) + [len(self.layers) - 1]:
-                if last >= first:
-                    stack(x, cos, sin, cache.keys, cache.values, start, mask, first, last + 1 - first, cache.keys_t)
-                if last in capture:
-                    captured[last] = x.clone()
-                first = last + 1
+            stack = self._fused_stack()
+            for first, count in _spans(len(self.layers), set(capture), skip):
+                stack(x, cos, sin, cache.keys, cache.values, start, mask, first, count, cache.keys_t)
+                if first + count - 1 in capture:
+                    captured[first + count - 1] = x.clone()
         for index, layer in enumerate(() if fused else self.layers):
+            if index in skip:
+                continue
             q, k, v = layer.qkv(_rms_norm(x, layer.attention_norm, c.rms_norm_eps)).split(self.qkv_sizes, -1)
             if on_kernel:
                 q = _rotate(q.view(batch, num_new, c.num_heads, c.head_dim), cos, sin)  # [B, T, H, E]
@@ -317,6 +324,23 @@ class LlamaForward:
             full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(-1, self.vocab_subset, logits)
         return logits
+
+
+def _spans(layers: int, ends: set[int], skip: frozenset[int]) -> list[tuple[int, int]]:
+    """(first, count) runs of consecutive layers not skipped, each also ending at every layer in `ends`
+    (a captured layer: its output is read between kernel calls)."""
+    spans, first = [], None
+    for index in range(layers):
+        if index in skip:
+            if first is not None:
+                spans.append((first, index - first))
+            first = None
+            continue
+        first = index if first is None else first
+        if index in ends or index == layers - 1:
+            spans.append((first, index + 1 - first))
+            first = None
+    return spans
 
 
 @register_forward(*LLAMA_FAMILY)
