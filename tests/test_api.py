@@ -143,3 +143,20 @@ def test_cli_penalties_reach_the_sample(tiny_folder, engine):
     penalized = spectr.generate(engine, PROMPT, repetition_penalty=1.5, presence_penalty=1.0, **options)
     assert penalized.text != spectr.generate(engine, PROMPT, **options).text
     assert result.stdout.startswith(penalized.text)
+
+
+def test_the_stats_split_the_prompt_pass_from_decoding(engine):
+    stats = spectr.generate(engine, PROMPT, seed=0, max_new_tokens=12, temperature=1.0).stats
+    assert 0 < stats.prefill_seconds < stats.seconds
+    assert stats.decode_tokens_per_second == pytest.approx(stats.new_tokens / (stats.seconds - stats.prefill_seconds))
+    assert stats.decode_tokens_per_second > stats.tokens_per_second
+    assert stats.summary().startswith(f"prompt {stats.prompt_tokens} tokens in ")
+
+
+def test_a_self_draft_is_named_and_exact_greedily(tiny_folder, engine):
+    selfskip = spectr.load(tiny_folder, draft="self-skip:0", precision="fp32")
+    assert "the target itself, layers 0 of 2 skipped" in selfskip.describe()
+    options = dict(temperature=0, max_new_tokens=16, k=2, L=2)
+    assert spectr.generate(selfskip, PROMPT, **options).tokens == spectr.generate(engine, PROMPT, **options).tokens
+    with pytest.raises(InvalidInputError, match="layers 0..1"):
+        spectr.load(tiny_folder, draft="self-skip:5", precision="fp32")

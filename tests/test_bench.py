@@ -137,3 +137,14 @@ def test_a_compared_draft_runs_the_same_grid_side_by_side(folders, tmp_path):
     assert {r["draft"] for r in rows if r["family"] == "spectr"} == {"", "lookup"}
     with pytest.raises(ValueError, match="compared drafts"):
         runner.run_bench(engine, config, cache_dir=tmp_path)
+
+
+def test_the_long_suites_are_documentation_of_their_size():
+    from spectr.bench.suites import CHARACTERS_PER_TOKEN, LONG_INSTRUCTION, LONG_TOKENS, load_suite
+
+    for suite, tokens in LONG_TOKENS.items():
+        prompts = load_suite(suite, 3)
+        assert len({p.text for p in prompts}) == 3 and all(p.chat for p in prompts)
+        for prompt in prompts:
+            body = prompt.text[len(LONG_INSTRUCTION.split("{text}")[0]):]
+            assert 0.9 * tokens * CHARACTERS_PER_TOKEN < len(body) <= tokens * CHARACTERS_PER_TOKEN

@@ -170,7 +170,8 @@ class GenerationStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     select_seconds: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole generation, the prompt's pass included
+    prefill_seconds: float = 0.0  # the prompt's pass
     shapes: dict[str, int] = field(default_factory=dict)  # steps per drafted shape ("plain", "L=2", ...)
 
     @property
@@ -180,7 +181,18 @@ class GenerationStats:
 
     @property
     def tokens_per_second(self) -> float:
+        """New tokens per second of the whole generation (the prompt's pass included)."""
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """New tokens per second of decoding alone (after the prompt's pass), as llama.cpp's eval rate."""
+        decoding = self.seconds - self.prefill_seconds
+        return self.new_tokens / decoding if decoding > 0 else 0.0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     def add(self, step: StepStats) -> None:
         self.steps += 1
@@ -195,9 +207,12 @@ class GenerationStats:
         self.shapes[step.shape] = self.shapes.get(step.shape, 0) + 1
 
     def summary(self) -> str:
-        overhead = self.seconds - self.draft_seconds - self.verify_seconds - self.select_seconds
+        overhead = self.seconds - self.prefill_seconds - self.draft_seconds - self.verify_seconds - self.select_seconds
         return (
-            f"{self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s), "
+            f"prompt {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s "
+            f"({self.prompt_tokens_per_second:.0f} tok/s); {self.new_tokens} tokens in "
+            f"{self.seconds - self.prefill_seconds:.2f} s ({self.decode_tokens_per_second:.1f} tok/s decoding, "
+            f"{self.tokens_per_second:.1f} with the prompt), "
             f"{self.steps} target passes, block efficiency {self.block_efficiency:.2f}; "
             f"draft {self.draft_seconds:.2f} s, verify {self.verify_seconds:.2f} s, "
             f"select {self.select_seconds:.2f} s, other {max(overhead, 0.0):.2f} s; "
@@ -285,6 +300,7 @@ def stream(engine: Engine, prompt: str | list[int] | list[dict], settings: Gener
                     break
         stats.add(step)
         stats.seconds = time.perf_counter() - start
+        stats.prefill_seconds = decoder.prefill_seconds
         cut = min((window.find(s) for s in stops if s in window), default=-1)
         ended_by_eos = step.emitted[-1] in stop_ids
         if cut >= 0 or ended_by_eos or stats.new_tokens >= max_new_tokens:

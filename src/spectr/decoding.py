@@ -218,6 +218,7 @@ class Decoder:
                 f"the draft reads the target's layers {self._capture}: that needs spectr's own forward for the "
                 f"target, not {getattr(target, 'backend', type(target).__name__)}")
         self._head = head_of(target)
+        self.prefill_seconds = 0.0  # the last stream's prompt pass
 
     def _features(self, out) -> torch.Tensor:
         return out.layers[0] if self._capture else out.hidden[0]
@@ -243,6 +244,7 @@ class Decoder:
         text = list(prompt)
         history = TokenHistory(self.target.config.vocab_size, text) if self.params.reads_history else None
         self._law = self.params if history is None else replace(self.params, history=history)
+        started = time.perf_counter()
         if len(text) > 1:  # the last prompt token is the first root
             out = self.target.forward(
                 torch.tensor(text[:-1])[None], torch.arange(len(text) - 1), cache,
@@ -250,6 +252,7 @@ class Decoder:
             )
             if self._feed:
                 self.drafter.observe(self._features(out))
+        self.prefill_seconds = time.perf_counter() - started  # the prompt's pass (what llama.cpp calls prompt eval)
         produced = 0
         while produced < max_new_tokens:
             stats = self._step(text, cache, generator)

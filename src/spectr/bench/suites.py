@@ -6,13 +6,16 @@
   (`pydoc_data.topics`), with a chat instruction to summarise them.
 - chat: hand-written everyday instructions (none of them is produced by the
   templates the drafts are trained on).
+- long-1k, long-2k, long-4k: long contexts (issue: SparQ and self-speculation) --
+  consecutive topics of the same Python documentation, about 1k / 2k / 4k tokens
+  of them, with a chat instruction to summarise them.
 Prompts are picked evenly across each source, so `count` prompts of a suite are
 always the same ones.
 """
 
 from dataclasses import dataclass
 
-SUITES = ("code", "summarize", "chat")
+SUITES = ("code", "summarize", "chat", "long-1k", "long-2k", "long-4k")
 
 CHAT_PROMPTS = [
     "Give me three tips for staying focused while studying.",
@@ -31,6 +34,11 @@ CHAT_PROMPTS = [
 
 SUMMARY_INSTRUCTION = "Summarize the following passage from the Python documentation in a few sentences.\n\n{text}"
 PASSAGE_CHARACTERS = (400, 1500)
+# Prompt tokens of the long suites, and the characters that make about that many of SmolLM2's tokens in
+# this documentation (measured: 3.9-4.4 characters a token; 943-1054, 1917-2034, 3923-3950 tokens).
+LONG_TOKENS = {"long-1k": 1024, "long-2k": 2048, "long-4k": 4096}
+CHARACTERS_PER_TOKEN = 4.0
+LONG_INSTRUCTION = "Summarize the following sections of the Python documentation in a few sentences.\n\n{text}"
 
 
 @dataclass(frozen=True)
@@ -67,12 +75,30 @@ def summarize_prompts(count: int) -> list[Prompt]:
     return prompts
 
 
+def long_prompts(suite: str, count: int) -> list[Prompt]:
+    """Consecutive documentation topics from evenly spread starting points, cut at a line to ~the suite's size."""
+    from pydoc_data.topics import topics
+
+    names = sorted(name for name in topics if topics[name].strip())
+    budget = int(LONG_TOKENS[suite] * CHARACTERS_PER_TOKEN)
+    prompts = []
+    for start in _evenly(list(range(len(names))), count):
+        text, index = "", start
+        while len(text) < budget:
+            text += topics[names[index % len(names)]].strip() + "\n\n"
+            index += 1
+        text = text[:budget].rsplit("\n", 1)[0]  # whole lines only
+        prompts.append(Prompt(suite, f"{suite}-{names[start]}", LONG_INSTRUCTION.format(text=text), chat=True))
+    return prompts
+
+
 def chat_prompts(count: int) -> list[Prompt]:
     return [Prompt("chat", f"chat-{i}", text, chat=True) for i, text in enumerate(_evenly(CHAT_PROMPTS, count))]
 
 
 def load_suite(name: str, count: int) -> list[Prompt]:
-    loaders = {"code": code_prompts, "summarize": summarize_prompts, "chat": chat_prompts}
+    loaders = {"code": code_prompts, "summarize": summarize_prompts, "chat": chat_prompts,
+               **{suite: (lambda count, suite=suite: long_prompts(suite, count)) for suite in LONG_TOKENS}}
     if name not in loaders:
         from spectr.errors import InvalidInputError
 
