@@ -164,3 +164,20 @@ def test_spectrs_forward_is_chosen_by_architecture_through_the_registry(monkeypa
     monkeypatch.setitem(base._BUILDERS, "gpt_neox", toy_builder)
     lm = native_forward(tiny_model("gpt_neox"), "fp32")  # a newly registered architecture is taken
     assert isinstance(lm, LlamaForward) and built and built[0][:2] == ("gpt_neox", "fp32")
+
+
+def test_a_long_causal_run_goes_through_in_chunks_with_the_same_result(monkeypatch):
+    """Prompts longer than PREFILL_CHUNK are run in consecutive chunks; on spectr's row-invariant kernels the
+    logits, hidden states and captured layers are the same bits as one run (an explicit mask: no chunking)."""
+    from spectr.models import llama
+
+    lm = native_forward(tiny_model("llama-gqa", num_hidden_layers=3), "int4")
+    monkeypatch.setattr(llama, "PREFILL_CHUNK", 4)
+    tokens = _tokens(10)
+    rows = torch.tensor([9, 2, 5])
+    whole = lm.forward(tokens, torch.arange(10), lm.new_cache(12), llama.causal_mask(0, 10), logit_indices=rows, capture=(1,))
+    cache = lm.new_cache(12)
+    chunked = lm.forward(tokens, torch.arange(10), cache, logit_indices=rows, capture=(1,))
+    assert cache.length == 10
+    for name in ("logits", "hidden", "layers"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
