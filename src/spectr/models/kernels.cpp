@@ -940,11 +940,4 @@ void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, 
   std::free(normed);
 }
 
-// One decoder layer: spectr_decoder_layers over [layer], with this layer's cache.
-void spectr_decoder_layer(const DecoderLayer* layer, float* x, int64_t batch, int64_t tokens, const float* cos,
-                          const float* sin, float* keys, float* values, int64_t capacity, int64_t start,
-                          const uint8_t* mask) {
-  spectr_decoder_layers(layer, 1, x, batch, tokens, cos, sin, keys, nullptr, values, 0, 0, capacity, start, mask);
-}
-
 }  // extern "C"

@@ -93,8 +93,6 @@ def load(path: Path) -> ctypes.CDLL:
     lib.spectr_attend.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
                                   ctypes.c_float, _ptr]
     lib.spectr_attend.restype = None
-    lib.spectr_decoder_layer.argtypes = [ctypes.c_void_p, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
-    lib.spectr_decoder_layer.restype = None
     lib.spectr_decoder_layers.argtypes = [ctypes.c_void_p, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64,
                                           _i64, _i64, _i64, _ptr]
     lib.spectr_transposed_keys.argtypes = []
@@ -191,8 +189,8 @@ class _DecoderLayer(ctypes.Structure):
 
 
 class DecoderLayer:
-    """One Llama decoder layer run by a single kernel call (norms, block linears, RoPE, cache write,
-    attention, SiLU-gated MLP): a step costs one Python call a layer instead of ~25 torch ops.
+    """One Llama decoder layer as the kernel runs it (norms, block linears, RoPE, cache write, attention,
+    SiLU-gated MLP), described for DecoderStack, which runs the layers.
 
     The tensors are kept here so the pointers the kernel holds stay valid.
     """
@@ -216,15 +214,6 @@ class DecoderLayer:
 
         return (available() and hidden % 8 == 0 and head_dim % 8 == 0
                 and all(isinstance(linear, BlockLinear) for linear in linears))
-
-    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, start: int,
-                 mask: Tensor) -> None:
-        """x [B, T, D] float32 contiguous, updated in place; cos, sin [B, T, E]; keys, values: this layer's
-        cache [B, G, capacity, E]; mask [B, T, start + T] bool contiguous."""
-        batch, tokens, _ = x.shape
-        library().spectr_decoder_layer(ctypes.byref(self.descriptor), x.data_ptr(), batch, tokens, cos.data_ptr(),
-                                       sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2], start,
-                                       mask.data_ptr())
 
 
 class DecoderStack:

@@ -41,7 +41,7 @@ class _Layer:
     mlp_norm: Tensor  # [D]
     gate_up: object  # D -> 2·F
     down: object  # F -> D
-    fused: object = None  # the whole layer as one kernel call (kernels.DecoderLayer), where it runs
+    fused: object = None  # the layer as the kernel runs it (kernels.DecoderLayer, run by a DecoderStack), where it can
 
 
 def _stack(weights: list[Tensor | BlockQuantized]) -> Tensor | BlockQuantized:
