@@ -48,11 +48,6 @@ class KVCache:
         self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def untiled_keys_t(self) -> Tensor:
-        """keys_t back in the layout of `keys` (a check that they agree)."""
-        layers, batch, heads, tiles, head_dim, _ = self.keys_t.shape
-        return self.keys_t.transpose(-1, -2).reshape(layers, batch, heads, tiles * 16, head_dim)[:, :, :, : self.capacity]
-
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on."""
         if not 0 <= length <= self.length:

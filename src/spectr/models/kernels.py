@@ -95,9 +95,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.spectr_attend.restype = None
     lib.spectr_decoder_layers.argtypes = [ctypes.c_void_p, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64,
                                           _i64, _i64, _i64, _ptr]
+    lib.spectr_decoder_layers.restype = None
     lib.spectr_transposed_keys.argtypes = []
     lib.spectr_transposed_keys.restype = ctypes.c_int
-    lib.spectr_decoder_layers.restype = None
     return lib
 
 

@@ -164,7 +164,7 @@ class LlamaForward:
         self.qkv_sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
         # Few new tokens attend through spectr's row-invariant kernel where it is built (float32 caches).
         self.kernel_attention = kernels.available() and self.dtype == torch.float32 and c.head_dim % 8 == 0
-        # Where every linear runs on spectr's block kernel, a whole layer is one kernel call.
+        # Where every linear runs on spectr's block kernel, the layers run in one kernel call (DecoderStack).
         self.fused = self.kernel_attention and all(kernels.DecoderLayer.supports(c.hidden_size, c.head_dim, (
             layer.qkv, layer.output, layer.gate_up, layer.down)) for layer in self.layers)
         for layer in self.layers if self.fused else ():
