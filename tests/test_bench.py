@@ -55,6 +55,7 @@ def test_every_method_runs_or_is_reported_skipped(result):
     assert "not a GGUF file" in skipped["llama.cpp (same GGUF)"] or "not installed" in skipped["llama.cpp (same GGUF)"]
     # Equal work: every method made exactly the asked number of tokens on every prompt.
     assert {r["new_tokens"] for r in result["records"]} == {8}
+    assert all(r["prefill_seconds"] > 0 for r in result["records"])  # the prompt's pass, timed apart
     assert len(result["records"]) == len(ran) * 4 * 2  # prompts x temperatures
 
 

@@ -54,12 +54,13 @@ class Record:
     temperature: float
     prompt_tokens: int
     new_tokens: int
-    seconds: float
+    seconds: float  # decoding: from the end of the prompt's pass (prompt eval) to the last token
     target_passes: int
     accepted_per_position: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     select_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # the prompt's pass, apart from `seconds` (a long prompt would drown decoding)
 
 
 @dataclass
@@ -147,6 +148,8 @@ class Peers:
 
             def count(module, args, output):
                 self.passes += 1
+                if self.passes == 1:
+                    self.first_pass_end = time.perf_counter()  # the prompt's pass (and the first token's logits)
 
             self._hf.register_forward_hook(count)
         return self._hf
@@ -198,21 +201,24 @@ class Peers:
             start = time.perf_counter()
             with torch.inference_mode():
                 out = model.generate(inputs, attention_mask=torch.ones_like(inputs), **options, **extra)
-            record.seconds = time.perf_counter() - start
+            record.prefill_seconds = self.first_pass_end - start
+            record.seconds = time.perf_counter() - self.first_pass_end
             record.new_tokens = out.shape[1] - len(ids)
             record.target_passes = self.passes
         else:
             llm = self.llama(method.kind)
             llm.reset()
             llm.set_seed(seed)
-            start = time.perf_counter()
+            start = first = time.perf_counter()
             for count, _ in enumerate(llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, temp=temperature,
                                                    repeat_penalty=1.0, reset=True), start=1):
+                if count == 1:  # the prompt's pass and the first token: as hf's first pass
+                    first = time.perf_counter()
                 if count == max_new_tokens:
                     break
-            record.seconds = time.perf_counter() - start
-            record.new_tokens = max_new_tokens
-            record.target_passes = max_new_tokens
+            record.prefill_seconds = first - start
+            record.seconds = time.perf_counter() - first
+            record.new_tokens = record.target_passes = max_new_tokens
         return record
 
 
@@ -229,9 +235,10 @@ def run_spectr(engine, method: Method, ids: list[int], temperature: float, max_n
     start = time.perf_counter()
     for step in decoder.stream(ids, max_new_tokens, generator):  # no stop tokens: equal work for all
         stats.add(step)
-    return Record(method.name, "", "", temperature, len(ids), stats.new_tokens, time.perf_counter() - start,
+    seconds = time.perf_counter() - start
+    return Record(method.name, "", "", temperature, len(ids), stats.new_tokens, seconds - decoder.prefill_seconds,
                   stats.steps, stats.accepted_per_position, stats.draft_seconds, stats.verify_seconds,
-                  stats.select_seconds)
+                  stats.select_seconds, decoder.prefill_seconds)
 
 
 def encode(engine, prompt: Prompt) -> list[int]:
