@@ -23,7 +23,7 @@ from spectr.detokenize import IncrementalText
 from spectr.decoding import Decoder, StepStats
 from spectr.planner import MAX_AUTO_LENGTH, CostProfile, cached_profile, measure_profile
 from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
-from spectr.drafters.self_draft import SelfDrafter, is_self_draft, parse_skip
+from spectr.drafters.self_draft import SelfDraft, SelfDrafter, is_self_draft, parse_self_draft
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
 from spectr.models.loading import ModelSource, stop_token_ids
@@ -41,8 +41,8 @@ class Engine:
     """A loaded target and draft, ready for any number of generations (one at a time)."""
 
     target: LoadedModel
-    draft: LoadedModel | None  # None: n-gram (prompt lookup) drafts, or the target itself (self_skip)
-    self_skip: tuple[int, ...] | None = None  # a self-draft: the target with these layers skipped
+    draft: LoadedModel | None  # None: n-gram (prompt lookup) drafts, or the target itself (self_draft)
+    self_draft: SelfDraft | None = None  # the target with layers skipped and/or SparQ attention
     _profiles: dict = field(default_factory=dict, repr=False)
 
     def cost_profile(self, max_length: int = MAX_AUTO_LENGTH, refresh: bool = False) -> CostProfile:
@@ -64,8 +64,8 @@ class Engine:
         return self.target.tokenizer
 
     def drafter(self):
-        if self.self_skip is not None:
-            return SelfDrafter(self.target.lm, self.self_skip)
+        if self.self_draft is not None:
+            return SelfDrafter(self.target.lm, self.self_draft.skip, self.self_draft.sparse)
         if self.draft is None:
             return NgramDrafter()
         if getattr(self.draft.lm, "feature_projection", None) is not None:
@@ -77,8 +77,8 @@ class Engine:
         def name(model: LoadedModel) -> str:
             return str(model.source) if paths else model.source.name
 
-        if self.self_skip is not None:
-            draft = f"the target itself, layers {_ranges(self.self_skip)} of {self.target.lm.config.num_layers} skipped"
+        if self.self_draft is not None:
+            draft = self.self_draft.describe(self.target.lm.config.num_layers)
         elif self.draft is None:
             draft = "n-gram lookup"
         else:
@@ -95,8 +95,9 @@ def load(
 ) -> Engine:
     """Load the target (default: SmolLM2-135M-Instruct) and a draft: 'default' (the trained draft
     shipped for the default target, n-gram lookups otherwise), 'ngram', a trained draft folder, a model, or
-    the target itself with layers skipped: 'self-skip' (the middle third) or 'self-skip:<layers>' (e.g.
-    'self-skip:8-21'; drafters/self_draft.py).
+    the target itself, cheaper: 'self-skip' (its middle third of layers skipped) or 'self-skip:<layers>'
+    (e.g. 'self-skip:8-21'), 'sparq' (SparQ attention over the older context) or 'sparq:<rank>,<keep>',
+    or both joined by '+' (drafters/self_draft.py).
 
     draft_precision: the draft's (default int4, DEFAULT_DRAFT_PRECISION: cheapest at equal acceptance).
     compile: run the target through torch.compile (fp32/bf16; ~40 s per shape bucket on first use).
@@ -108,7 +109,8 @@ def load(
                                         f"through {target_model.lm.backend}")
         if compile:
             raise UnsupportedModelError("a self-draft skips layers of spectr's own forward; --compile replaces it")
-        return Engine(target=target_model, draft=None, self_skip=parse_skip(str(draft), target_model.lm.config.num_layers))
+        return Engine(target=target_model, draft=None,
+                      self_draft=parse_self_draft(str(draft), target_model.lm.config.num_layers))
     draft_model = _load_draft(draft, target_model, draft_precision or DEFAULT_DRAFT_PRECISION)
     if compile:
         from spectr.models.compiled import CompiledForward
@@ -117,17 +119,6 @@ def load(
             raise UnsupportedModelError("--compile needs spectr's own forward; this model runs through transformers")
         target_model.lm = CompiledForward(target_model.lm)
     return Engine(target=target_model, draft=draft_model)
-
-
-def _ranges(layers: tuple[int, ...]) -> str:
-    """3, 4, 5, 9 -> '3-5, 9'."""
-    runs: list[list[int]] = []
-    for layer in layers:
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def shipped_draft(target: LoadedModel) -> Path | None:

@@ -1,20 +1,25 @@
 """Self-speculation: the target drafts for itself with a cheaper forward, in its own KV cache.
 
 The draft is the target with some of its layers skipped (the residual stream passes them unchanged,
-as in Draft & Verify and LayerSkip): the same weights, no training, any model spectr's own forward
-runs. It drafts in the target's cache, past the text (slots len(text) − 1 on, the root first), and
-hands those slots back before verification, which overwrites them: a skipped layer's slots are never
-read by the draft (it does not run), and the layers it runs read the target's exact entries for the
-text. So there is no second cache and no prefill of the prompt through a draft. Like any draft it
-changes only the speed: every rule keeps the target's law whatever q is.
+as in Draft & Verify and LayerSkip), or with SparQ attention over the older context (its top query
+components pick the few slots attended exactly; models/attention.py's SparQ: at long contexts reading
+the cache, not the weights, is what a step costs), or both, as TriForce pairs a sparse cache with a
+smaller model: the same weights, no training, any model spectr's own forward runs. It drafts in the
+target's cache, past the text (slots len(text) − 1 on, the root first), and hands those slots back
+before verification, which overwrites them: a skipped layer's slots are never read by the draft (it does
+not run), and the layers it runs read the target's exact entries for the text. So there is no second
+cache and no prefill of the prompt through a draft. Like any draft it changes only the speed: every
+rule keeps the target's law whatever q is.
 """
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from spectr.drafters.model import ModelDrafter
 from spectr.errors import InvalidInputError
+from spectr.models.attention import SparQ
 from spectr.processing import SamplingParams
 from spectr.tree import DraftTree
 
@@ -52,35 +57,100 @@ def parse_skip(spec: str, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
+# SparQ self-drafts: "sparq" (SparQ's defaults) or "sparq:<rank>,<keep>", alone or joined to a layer-skip
+# spec by "+" ("sparq+self-skip:10-19").
+SPARQ = "sparq"
+
+
+def parse_sparq(spec: str) -> SparQ:
+    """The SparQ a "sparq[:rank,keep]" spec names."""
+    if spec == SPARQ:
+        return SparQ()
+    prefix = SPARQ + ":"
+    try:
+        if not spec.startswith(prefix):
+            raise ValueError
+        rank, keep = (int(part) for part in spec[len(prefix):].split(","))
+        return SparQ(rank=rank, keep=keep)
+    except ValueError:
+        raise InvalidInputError(f"a SparQ self-draft is '{SPARQ}' or '{SPARQ}:<rank>,<keep>' (e.g. "
+                                f"'{SPARQ}:16,128': 16 query components, 128 older slots kept), got '{spec}'") from None
+
+
+@dataclass(frozen=True)
+class SelfDraft:
+    """What a self-draft leaves out of the target: layers (skip) and full attention (sparse)."""
+
+    skip: tuple[int, ...] = ()
+    sparse: SparQ | None = None
+
+    def describe(self, num_layers: int) -> str:
+        parts = [f"layers {_ranges(self.skip)} of {num_layers} skipped"] if self.skip else []
+        if self.sparse is not None:
+            parts.append(f"SparQ attention (rank {self.sparse.rank}, {self.sparse.keep} older slots kept, "
+                         f"the last {self.sparse.window} exact)")
+        return "the target itself, " + ", ".join(parts)
+
+
+def parse_self_draft(spec: str, num_layers: int) -> SelfDraft:
+    """The self-draft a spec names: "self-skip[:layers]", "sparq[:rank,keep]", or both joined by "+"."""
+    skip, sparse = (), None
+    for part in spec.split("+"):
+        if part == SPARQ or part.startswith(SPARQ + ":"):
+            if sparse is not None:
+                raise InvalidInputError(f"'{spec}' names SparQ twice")
+            sparse = parse_sparq(part)
+        else:
+            if skip:
+                raise InvalidInputError(f"'{spec}' names skipped layers twice")
+            skip = parse_skip(part, num_layers)
+    return SelfDraft(skip=skip, sparse=sparse)
+
+
 def is_self_draft(spec) -> bool:
-    return isinstance(spec, str) and (spec == SELF_SKIP or spec.startswith(SELF_SKIP + ":"))
+    return isinstance(spec, str) and any(
+        part in (SELF_SKIP, SPARQ) or part.startswith((SELF_SKIP + ":", SPARQ + ":")) for part in spec.split("+")[:1])
 
 
-class _Skipping:
-    """The target's forward with `skip` left out: what ModelDrafter drives."""
+def _ranges(layers: tuple[int, ...]) -> str:
+    """3, 4, 5, 9 -> '3-5, 9'."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
-    def __init__(self, lm, skip: Iterable[int]):
-        self.lm, self.skip, self.config = lm, frozenset(skip), lm.config
+
+class _Cheaper:
+    """The target's forward with `skip` left out and `sparse` attention: what ModelDrafter drives."""
+
+    def __init__(self, lm, skip: Iterable[int], sparse: SparQ | None):
+        self.lm, self.skip, self.sparse, self.config = lm, frozenset(skip), sparse, lm.config
 
     def new_cache(self, *args, **kwargs):
         return self.lm.new_cache(*args, **kwargs)
 
     def forward(self, tokens, positions, cache, attention_mask=None, logit_indices=None):
-        return self.lm.forward(tokens, positions, cache, attention_mask, logit_indices=logit_indices, skip=self.skip)
+        return self.lm.forward(tokens, positions, cache, attention_mask, logit_indices=logit_indices, skip=self.skip,
+                               sparse=self.sparse)
 
 
 class SelfDrafter(ModelDrafter):
-    """The target with layers skipped, drafting in the target's own cache (see the module)."""
+    """The target with layers skipped and/or SparQ attention, drafting in the target's own cache (see the
+    module)."""
 
     shares_target_cache = True  # the decoder hands it the target's cache: attach_cache
 
-    def __init__(self, lm, skip: Iterable[int]):
+    def __init__(self, lm, skip: Iterable[int] = (), sparse: SparQ | None = None):
         if not getattr(lm, "supports_skip", False):
             raise InvalidInputError(f"a self-draft needs spectr's own forward for the target, not "
                                     f"{getattr(lm, 'backend', type(lm).__name__)}")
-        super().__init__(_Skipping(lm, skip))
+        super().__init__(_Cheaper(lm, skip, sparse))
         self.skip = tuple(sorted(set(skip)))
-        self.name = f"self-skip {len(self.skip)} of {lm.config.num_layers} layers"
+        self.sparse = sparse
+        self.name = SelfDraft(self.skip, sparse).describe(lm.config.num_layers).removeprefix("the target itself, ")
 
     def reset(self, capacity: int) -> None:
         self.cache = None  # until the decoder attaches the target's

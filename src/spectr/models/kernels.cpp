@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define SPECTR_SIMD 1
 #else
@@ -63,6 +64,7 @@ namespace {
 constexpr int64_t BLOCK = 32;
 constexpr int64_t GROUP = 8;          // block scales and sums are padded to whole groups of 8 (one vector)
 constexpr int64_t ROWS_PER_PASS = 8;  // most activation rows that share one decode of a weight block
+constexpr int64_t MOST_HEAD_DIM = 512;  // of the attention kernels' queries (Python checks)
 
 // IEEE half -> float (exact: every half is a float). F16C does it in one instruction where present.
 inline float half_to_float(uint16_t h) {
@@ -729,13 +731,281 @@ void silu_times(const float* gate, const float* up, int64_t n, float* out) {
 // Slots rounded up to whole tiles of 16, for the transposed keys.
 inline int64_t tiled(int64_t capacity) { return (capacity + 15) / 16 * 16; }
 
+// SparQ attention (attention.py's SparQ; Ribar et al., 2023) for the heads of one key/value group at one
+// token, a draft's approximation: the group's `rank` largest query components (by the sum of the heads'
+// magnitudes) score every slot from those components of the keys alone (with the keys transposed by tiles
+// they are rank rows of 16 slots a tile, a quarter of the cache for 16 of 64); of the slots before
+// dense_from the `keep` the heads' approximate softmaxes weigh most together, and every slot from
+// dense_from on, are attended exactly; the approximate weight of the older slots left out goes to their
+// mean value (`mean` [E]). Slots the mask hides are never read. Where `keep` covers every older slot a
+// query sees, this is plain attention. scratch: sparq_scratch(heads of the group, slots, e) floats.
+struct Sparse {
+  int64_t rank, keep, dense_from;
+  const float* value_mean;  // [B, G, E] of this layer: the values' mean over slots 0..dense_from-1
+};
+
+
+inline int64_t sparq_scratch(int64_t heads, int64_t slots, int64_t e) { return (2 * heads + 2) * (slots + 16) + heads * e; }
+
+void sparq_group(const float* const* queries, int64_t heads, const uint8_t* seen, const float* kt, const float* kb,
+                 const float* vb, int64_t slots, int64_t e, const Sparse& sparse, const float* mean, float* scratch,
+                 float* const* outs) {
+  const int64_t stride = slots + 16;
+  float* weights = scratch;                                          // heads x stride: approximate softmax
+  float* older = weights + heads * stride;                           // stride: the heads' weights summed
+  float* exact = older + stride;                                     // heads x stride: exact scores
+  int32_t* chosen = reinterpret_cast<int32_t*>(exact + heads * stride);  // stride: slots attended exactly
+  float* part = reinterpret_cast<float*>(chosen + stride);           // heads x rank: scaled query components
+  int32_t order[MOST_HEAD_DIM];
+  float magnitude[MOST_HEAD_DIM];
+  for (int64_t c = 0; c < e; ++c) {
+    float m = 0.f;
+    for (int64_t h = 0; h < heads; ++h) m += std::fabs(queries[h][c]);
+    magnitude[c] = m;
+    order[c] = static_cast<int32_t>(c);
+  }
+  const int64_t rank = std::min(sparse.rank, e);
+  std::partial_sort(order, order + rank, order + e, [&](int32_t a, int32_t b) {
+    return magnitude[a] > magnitude[b] || (magnitude[a] == magnitude[b] && a < b);
+  });
+  std::sort(order, order + rank);  // read the key rows in memory order
+  const float tiny = std::numeric_limits<float>::min();
+  for (int64_t h = 0; h < heads; ++h) {
+    float all = 0.f, kept = 0.f;
+    for (int64_t c = 0; c < e; ++c) all += std::fabs(queries[h][c]);
+    for (int64_t i = 0; i < rank; ++i) kept += std::fabs(queries[h][order[i]]);
+    // The paper's temperature: the components kept carry this share of the query's L1 norm.
+    const float scale = 1.f / std::sqrt(static_cast<float>(e) * std::max(kept / std::max(all, tiny), tiny));
+    for (int64_t i = 0; i < rank; ++i) part[h * rank + i] = queries[h][order[i]] * scale;
+  }
+  // Approximate scores of every slot seen (-inf where hidden), then each head's softmax over them, and
+  // the older slots' weights summed over the heads (-1 where hidden: never kept).
+  const int64_t dense_from = std::min(sparse.dense_from, slots);
+  int64_t seen_older = 0;
+#if SPECTR_VNNI
+  if (kt != nullptr && e % 16 == 0 && heads <= 8) {
+    const __m512 hidden = _mm512_set1_ps(-INFINITY);
+    __m512 top[8];
+    for (int64_t h = 0; h < heads; ++h) top[h] = hidden;
+    for (int64_t j = 0; j < slots; j += 16) {
+      const int64_t width = std::min<int64_t>(16, slots - j);
+      const __mmask16 live = width == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << width) - 1);
+      const __mmask16 look = _mm_mask_cmpneq_epi8_mask(live, _mm_maskz_loadu_epi8(live, seen + j), _mm_setzero_si128());
+      __m512 acc[8];
+      for (int64_t h = 0; h < heads; ++h) acc[h] = _mm512_setzero_ps();
+      // A tile's rows are 64 bytes apart from the next tile's by 4 KB, which the hardware does not fetch
+      // ahead: ask for the rows AHEAD tiles on (at long contexts the cache comes from memory, and fetched
+      // one line at a time this pass waited on memory more than the whole cache read in order).
+      constexpr int64_t AHEAD = 8;
+      if (j + AHEAD * 16 < slots)
+        for (int64_t i = 0; i < rank; ++i)
+          __builtin_prefetch(kt + ((j + AHEAD * 16) * e + order[i] * 16));
+      if (look)
+        for (int64_t i = 0; i < rank; ++i) {
+          const __m512 k = _mm512_loadu_ps(kt + (j * e + order[i] * 16));  // tile j / 16, row order[i]
+          for (int64_t h = 0; h < heads; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(part[h * rank + i]), k, acc[h]);
+        }
+      for (int64_t h = 0; h < heads; ++h) {
+        const __m512 score = _mm512_mask_blend_ps(look, hidden, acc[h]);
+        _mm512_storeu_ps(weights + h * stride + j, score);
+        top[h] = _mm512_max_ps(top[h], score);
+      }
+    }
+    float inverse[8];
+    for (int64_t h = 0; h < heads; ++h) {
+      float* w = weights + h * stride;
+      const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top[h]));
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t j = 0; j < slots; j += 16) {  // the scratch has room for a whole last vector
+        const __m512 score = _mm512_loadu_ps(w + j);
+        const __mmask16 live = _mm512_cmp_ps_mask(score, hidden, _CMP_NEQ_OQ) &
+            (slots - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (slots - j)) - 1));
+        const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(score, most)));
+        _mm512_storeu_ps(w + j, p);
+        total = _mm512_add_ps(total, p);
+      }
+      inverse[h] = 1.f / _mm512_reduce_add_ps(total);
+    }
+    for (int64_t j = 0; j < dense_from; j += 16) {
+      const int64_t width = std::min<int64_t>(16, dense_from - j);
+      const __mmask16 live = width == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << width) - 1);
+      const __mmask16 look = _mm_mask_cmpneq_epi8_mask(live, _mm_maskz_loadu_epi8(live, seen + j), _mm_setzero_si128());
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t h = 0; h < heads; ++h) {
+        const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(weights + h * stride + j), _mm512_set1_ps(inverse[h]));
+        _mm512_storeu_ps(weights + h * stride + j, p);
+        sum = _mm512_add_ps(sum, p);
+      }
+      _mm512_storeu_ps(older + j, _mm512_mask_blend_ps(look, _mm512_set1_ps(-1.f), sum));
+      seen_older += __builtin_popcount(look);
+    }
+    for (int64_t h = 0; h < heads; ++h)  // the dense slots' weights too (kept sums them)
+      for (int64_t j = dense_from / 16 * 16 + (dense_from % 16 ? 16 : 0); j < slots; ++j) weights[h * stride + j] *= inverse[h];
+  } else
+#endif
+  {
+    for (int64_t j = 0; j < slots; ++j) {
+      const float* key = kb + j * e;
+      for (int64_t h = 0; h < heads; ++h) {
+        float s = -INFINITY;
+        if (seen[j]) {
+          s = 0.f;
+          for (int64_t i = 0; i < rank; ++i) s = std::fma(part[h * rank + i], key[order[i]], s);
+        }
+        weights[h * stride + j] = s;
+      }
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* w = weights + h * stride;
+      float top = -INFINITY, total = 0.f;
+      for (int64_t j = 0; j < slots; ++j) top = std::max(top, w[j]);
+      for (int64_t j = 0; j < slots; ++j) {
+        w[j] = seen[j] ? std::exp(w[j] - top) : 0.f;
+        total += w[j];
+      }
+      const float inverse = 1.f / total;
+      for (int64_t j = 0; j < slots; ++j) w[j] *= inverse;
+    }
+    for (int64_t j = 0; j < dense_from; ++j) {
+      float sum = 0.f;
+      for (int64_t h = 0; h < heads; ++h) sum += weights[h * stride + j];
+      older[j] = seen[j] ? sum : -1.f;
+      seen_older += seen[j] != 0;
+    }
+  }
+  // The older slots kept: those whose summed weight is at or above a threshold found by bisection on the
+  // weights' bits (non-negative floats order as their bits).
+  int64_t n = 0;
+  const bool whole = seen_older <= sparse.keep;
+  if (whole) {
+    for (int64_t j = 0; j < dense_from; ++j)
+      if (seen[j]) chosen[n++] = static_cast<int32_t>(j);
+  } else {
+    const int32_t* bits = reinterpret_cast<const int32_t*>(older);
+    auto at_least = [&](int32_t threshold) {
+      int64_t count = 0, j = 0;
+#if SPECTR_VNNI
+      const __m512i t = _mm512_set1_epi32(threshold);
+      for (; j + 16 <= dense_from; j += 16)
+        count += __builtin_popcount(_mm512_cmpge_epi32_mask(_mm512_loadu_si512(bits + j), t));
+#endif
+      for (; j < dense_from; ++j) count += bits[j] >= threshold;
+      return count;
+    };
+    int32_t low = 0, high = 0;  // at_least(low) > keep >= at_least(high)
+    for (int64_t j = 0; j < dense_from; ++j) high = std::max(high, bits[j]);
+    high += 1;
+    while (high - low > 1) {
+      const int32_t middle = low + (high - low) / 2;
+      (at_least(middle) > sparse.keep ? low : high) = middle;
+    }
+    for (int64_t j = 0; j < dense_from; ++j)
+      if (bits[j] >= high) chosen[n++] = static_cast<int32_t>(j);
+  }
+  for (int64_t j = dense_from; j < slots; ++j)
+    if (seen[j]) chosen[n++] = static_cast<int32_t>(j);
+  // Exact attention over the slots chosen, then the mean-value correction. Their rows are scattered
+  // over the cache: ask for all of them first, so that memory serves them together.
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < e; c += 16) {
+      __builtin_prefetch(kb + chosen[i] * e + c);
+      __builtin_prefetch(vb + chosen[i] * e + c);
+    }
+  const float scale = 1.f / std::sqrt(static_cast<float>(e));
+  float total[MOST_HEAD_DIM], kept[MOST_HEAD_DIM];
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = exact + h * stride;
+    float top = -INFINITY;
+    kept[h] = total[h] = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+#if SPECTR_VNNI
+      if (e % 16 == 0) {
+        const float* key = kb + chosen[i] * e;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < e; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(queries[h] + c), _mm512_loadu_ps(key + c), acc);
+        s[i] = _mm512_reduce_add_ps(acc) * scale;
+      } else
+#endif
+        s[i] = dot8(queries[h], kb + chosen[i] * e, e) * scale;
+      top = std::max(top, s[i]);
+      kept[h] += weights[h * stride + chosen[i]];
+    }
+    int64_t i = 0;
+#if SPECTR_VNNI
+    __m512 lanes = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(top)));
+      _mm512_storeu_ps(s + i, p);
+      lanes = _mm512_add_ps(lanes, p);
+    }
+    total[h] = _mm512_reduce_add_ps(lanes);
+#endif
+    for (; i < n; ++i) {
+      s[i] = std::exp(s[i] - top);
+      total[h] += s[i];
+    }
+    if (whole) kept[h] = 1.f;
+  }
+#if SPECTR_VNNI
+  if (e % 16 == 0 && heads <= 8) {
+    for (int64_t c = 0; c < e; c += 16) {  // 16 lanes of every head's output at a time
+      __m512 acc[8];
+      for (int64_t h = 0; h < heads; ++h) acc[h] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        const __m512 v = _mm512_loadu_ps(vb + chosen[i] * e + c);
+        for (int64_t h = 0; h < heads; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(exact[h * stride + i]), v, acc[h]);
+      }
+      for (int64_t h = 0; h < heads; ++h)
+        _mm512_storeu_ps(outs[h] + c, _mm512_fmadd_ps(acc[h], _mm512_set1_ps(kept[h] / total[h]),
+                                                      _mm512_mul_ps(_mm512_set1_ps(1.f - kept[h]), _mm512_loadu_ps(mean + c))));
+    }
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* s = exact + h * stride;
+    float* out = outs[h];
+    for (int64_t c = 0; c < e; ++c) out[c] = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* v = vb + chosen[i] * e;
+      for (int64_t c = 0; c < e; ++c) out[c] = std::fma(s[i], v[c], out[c]);
+    }
+    const float share = kept[h] / total[h];
+    for (int64_t c = 0; c < e; ++c) out[c] = std::fma(out[c], share, (1.f - kept[h]) * mean[c]);
+  }
+}
+
+
 // The attention of queries [B, T, H, E] (a row of T's H queries every query_stride floats), work-shared
 // over the queries; see spectr_attend. keys_t: the keys transposed by tiles [B, G, tiled(capacity) / 16, E, 16],
 // or null.
 void attend_team(const float* q, int64_t query_stride, const float* keys, const float* keys_t, const float* values,
                  const uint8_t* mask, int64_t batch, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e,
-                 int64_t capacity, int64_t slots, float scale, float* out) {
+                 int64_t capacity, int64_t slots, float scale, float* out, const Sparse* sparse = nullptr) {
   const int64_t group = heads / kv_heads;
+  if (sparse != nullptr && sparse->dense_from > 0) {  // SparQ, a group's heads at a token a task
+    // A thread's scratch lives on between calls: at 4k slots it is ~130 KB, which malloc would map and unmap
+    // (page faults every layer).
+    thread_local std::vector<float> kept_scratch;
+    kept_scratch.resize(std::max<size_t>(kept_scratch.size(), sparq_scratch(group, slots, e)));
+    float* scratch = kept_scratch.data();
+#pragma omp for collapse(3) schedule(static)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t g = 0; g < kv_heads; ++g) {
+          const float* queries[MOST_HEAD_DIM];
+          float* outs[MOST_HEAD_DIM];
+          for (int64_t i = 0; i < group; ++i) {
+            queries[i] = q + (b * tokens + t) * query_stride + (g * group + i) * e;
+            outs[i] = out + ((b * tokens + t) * heads + g * group + i) * e;
+          }
+          const int64_t head = b * kv_heads + g;
+          sparq_group(queries, group, mask + (b * tokens + t) * slots,
+                      keys_t ? keys_t + head * e * tiled(capacity) : nullptr, keys + head * capacity * e,
+                      values + head * capacity * e, slots, e, *sparse, sparse->value_mean + head * e, scratch, outs);
+        }
+    return;
+  }
 #if SPECTR_VNNI
   constexpr int64_t MOST = 6;  // queries a task (their accumulators fill the vector registers)
   if (keys_t != nullptr && e % 16 == 0) {
@@ -804,7 +1074,7 @@ void rotate_heads(float* x, int64_t heads, int64_t e, const float* cos, const fl
 
 extern "C" {
 
-int spectr_kernels_version() { return 9; }
+int spectr_kernels_version() { return 10; }
 
 // The block kernel this build runs: "avx512-vnni", "avx2" or "portable" (all with int16 activations).
 // Whether this build's attention reads the keys transposed too (by tiles of 16 slots, [B, G, tiles, E, 16],
@@ -856,11 +1126,18 @@ void spectr_block_linear(const uint8_t* packed, int bits, int64_t n, int64_t k, 
 // same bits whether the other slots are masked out or absent.
 // keys_t: the same keys transposed by tiles of 16 slots, [B, G, tiled(capacity) / 16, E, 16], where
 // spectr_transposed_keys() asks for them (or null).
+//
+// sparse_rank > 0 (and dense_from > 0): SparQ attention instead (see sparq_group), its approximate scores from
+// sparse_rank components, sparse_keep of the slots before dense_from kept, value_mean [B, G, E] their mean
+// value; scale is then 1 / sqrt(E).
 void spectr_attend(const float* q, const float* keys, const float* keys_t, const float* values, const uint8_t* mask,
                    int64_t batch, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e, int64_t capacity,
-                   int64_t slots, float scale, float* out) {
+                   int64_t slots, float scale, float* out, int64_t sparse_rank, int64_t sparse_keep,
+                   int64_t dense_from, const float* value_mean) {
+  const Sparse sparse{sparse_rank, sparse_keep, dense_from, value_mean};
 #pragma omp parallel
-  attend_team(q, heads * e, keys, keys_t, values, mask, batch, tokens, heads, kv_heads, e, capacity, slots, scale, out);
+  attend_team(q, heads * e, keys, keys_t, values, mask, batch, tokens, heads, kv_heads, e, capacity, slots, scale, out,
+              sparse_rank > 0 ? &sparse : nullptr);
 }
 
 // Decoder layers over x [B, T, D] in place, each x += attention(norm(x)); x += mlp(norm(x)): layers[0..count-1]
@@ -870,10 +1147,13 @@ void spectr_attend(const float* q, const float* keys, const float* keys_t, const
 // spectr_transposed_keys(); else null); the new
 // tokens' keys and values go to slots start..start+T-1; cos, sin [B, T, E] are their rotary tables; mask
 // [B, T, start + T]. Every step is row-wise or row-invariant. The layers share one shape.
+// sparse_rank > 0: SparQ attention (a draft's; see spectr_attend), value_means [B, G, E] a layer, the next
+// layer's mean_stride floats further.
 void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, int64_t batch, int64_t tokens,
                            const float* cos, const float* sin, float* keys, float* keys_t, float* values,
                            int64_t layer_stride, int64_t layer_stride_t, int64_t capacity, int64_t start,
-                           const uint8_t* mask) {
+                           const uint8_t* mask, int64_t sparse_rank, int64_t sparse_keep, int64_t dense_from,
+                           const float* value_means, int64_t mean_stride) {
   const DecoderLayer* shape = layers;
   const int64_t rows = batch * tokens, d = shape->hidden, e = shape->head_dim;
   const int64_t h = shape->heads, g = shape->kv_heads, f = shape->ffn;
@@ -919,8 +1199,9 @@ void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, 
         }
       }
     }
+    const Sparse sparse{sparse_rank, sparse_keep, dense_from, sparse_rank > 0 ? value_means + index * mean_stride : nullptr};
     attend_team(qkv, qkv_width, layer_keys, layer_keys_t, layer_values, mask, batch, tokens, h, g, e, capacity, start + tokens,
-                1.f / std::sqrt(static_cast<float>(e)), attended);
+                1.f / std::sqrt(static_cast<float>(e)), attended, sparse_rank > 0 ? &sparse : nullptr);
     quantize_team(attended, for_attended);
     linear_team(layer->output, for_attended, x, true);
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -91,10 +92,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.spectr_kernel_path.argtypes = []
     lib.spectr_kernel_path.restype = ctypes.c_char_p
     lib.spectr_attend.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
-                                  ctypes.c_float, _ptr]
+                                  ctypes.c_float, _ptr, _i64, _i64, _i64, _ptr]
     lib.spectr_attend.restype = None
     lib.spectr_decoder_layers.argtypes = [ctypes.c_void_p, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64,
-                                          _i64, _i64, _i64, _ptr]
+                                          _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64]
     lib.spectr_decoder_layers.restype = None
     lib.spectr_transposed_keys.argtypes = []
     lib.spectr_transposed_keys.restype = ctypes.c_int
@@ -163,19 +164,38 @@ def tile_keys(keys: Tensor) -> Tensor:
 
 
 def attend(queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, slots: int,
-           keys_t: Tensor | None = None) -> Tensor:
+           keys_t: Tensor | None = None, sparse: "Sparse | None" = None) -> Tensor:
     """Row-invariant attention. queries [B, T, H, E] float32; keys, values: a layer's whole cache
     [B, G, capacity, E] float32 (slots 0..slots-1 in use); keys_t: the same keys transposed by tiles of 16
     slots, [B, G, tiles, E, 16] (`tile_keys`; read where transposed_keys(), optional); mask [B, T, slots]
-    bool. Returns [B, T, H, E]."""
+    bool. sparse: SparQ attention instead (a draft's approximation; attention.sparq_attend is its reference).
+    Returns [B, T, H, E]."""
     batch, tokens, heads, head_dim = queries.shape
     queries = queries.contiguous()
     mask = mask.contiguous()
     out = torch.empty_like(queries)
+    rank, keep, dense_from, means = sparse.arguments() if sparse is not None else (0, 0, 0, None)
     library().spectr_attend(queries.data_ptr(), keys.data_ptr(), None if keys_t is None else keys_t.data_ptr(),
                             values.data_ptr(), mask.data_ptr(), batch, tokens, heads, keys.shape[1], head_dim,
-                            keys.shape[2], slots, head_dim ** -0.5, out.data_ptr())
+                            keys.shape[2], slots, head_dim ** -0.5, out.data_ptr(), rank, keep, dense_from,
+                            None if means is None else means.data_ptr())
     return out
+
+
+@dataclass
+class Sparse:
+    """SparQ attention as the kernel takes it: attention.SparQ's rank and keep, the first slot attended
+    exactly whatever its score, and value_mean float32 contiguous, the mean of the values before it
+    ([B, G, E] for one layer, or [layers, B, G, E] for a DecoderStack)."""
+
+    rank: int
+    keep: int
+    dense_from: int
+    value_mean: Tensor
+
+    def arguments(self, first_layer: int = 0) -> tuple[int, int, int, Tensor]:
+        means = self.value_mean if self.value_mean.ndim == 3 else self.value_mean[first_layer]
+        return self.rank, self.keep, self.dense_from, means
 
 
 class _BlockWeight(ctypes.Structure):
@@ -225,15 +245,20 @@ class DecoderStack:
         self.descriptors = (_DecoderLayer * len(layers))(*(layer.descriptor for layer in layers))
 
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, start: int, mask: Tensor,
-                 first: int = 0, count: int | None = None, keys_t: Tensor | None = None) -> None:
+                 first: int = 0, count: int | None = None, keys_t: Tensor | None = None,
+                 sparse: Sparse | None = None) -> None:
         """Layers first..first+count-1 over x [B, T, D] float32 contiguous, updated in place; cos, sin [B, T, E];
         keys, values: the whole cache [layers, B, G, capacity, E], contiguous (keys_t: the keys transposed by
-        tiles, [layers, B, G, tiles, E, 16], or None); mask [B, T, start + T] bool contiguous."""
+        tiles, [layers, B, G, tiles, E, 16], or None); mask [B, T, start + T] bool contiguous; sparse: SparQ
+        attention (a draft's), its value_mean [layers, B, G, E]."""
         count = len(self.layers) - first if count is None else count
         batch, tokens, _ = x.shape
+        rank, keep, dense_from, means = sparse.arguments(first) if sparse is not None else (0, 0, 0, None)
         library().spectr_decoder_layers(ctypes.byref(self.descriptors, first * ctypes.sizeof(_DecoderLayer)), count,
                                         x.data_ptr(), batch, tokens, cos.data_ptr(), sin.data_ptr(),
                                         keys[first].data_ptr(), None if keys_t is None else keys_t[first].data_ptr(),
                                         values[first].data_ptr(), keys.stride(0),
                                         0 if keys_t is None else keys_t.stride(0), keys.shape[3], start,
-                                        mask.data_ptr())
+                                        mask.data_ptr(), rank, keep, dense_from,
+                                        None if means is None else means.data_ptr(),
+                                        0 if means is None else means.numel())

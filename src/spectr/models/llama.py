@@ -18,7 +18,7 @@ from torch import Tensor
 
 from spectr.errors import ContextOverflowError, InvalidInputError
 from spectr.models import kernels
-from spectr.models.attention import FEW_QUERIES, attend
+from spectr.models.attention import FEW_QUERIES, SparQ, attend, sparq_attend
 from spectr.models.base import ForwardOutput, register_forward
 from spectr.models.cache import KVCache
 from spectr.models.config import LLAMA_FAMILY, ModelConfig
@@ -173,7 +173,7 @@ class LlamaForward:
                 heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim, eps=c.rms_norm_eps)
         self._stack = None  # all of them as one kernel call: _fused_stack
 
-    def _chunked(self, tokens, positions, cache, logit_indices, features, capture, skip) -> ForwardOutput:
+    def _chunked(self, tokens, positions, cache, logit_indices, features, capture, skip, sparse) -> ForwardOutput:
         """A long causal run (a prompt) as consecutive runs of PREFILL_CHUNK tokens, then the head on the rows
         asked for (a row's logits are the same bits either way)."""
         outs = []
@@ -181,7 +181,7 @@ class LlamaForward:
             part = slice(start, start + PREFILL_CHUNK)
             outs.append(self.forward(tokens[:, part], positions[:, part], cache, logit_indices=_NO_ROWS,
                                      features=None if features is None else features[:, part], capture=capture,
-                                     skip=skip))
+                                     skip=skip, sparse=sparse))
         hidden = torch.cat([out.hidden for out in outs], 1)
         layers = torch.cat([out.layers for out in outs], 1) if capture else None
         return ForwardOutput(logits=self.logits(hidden if logit_indices is None else hidden[:, logit_indices]),
@@ -254,6 +254,7 @@ class LlamaForward:
         features: Tensor | None = None,
         capture: tuple[int, ...] = (),
         skip: frozenset[int] = frozenset(),
+        sparse: SparQ | None = None,
     ) -> ForwardOutput:
         """Run tokens [B, T] at positions [B, T] (or [T]) over `cache`, writing their keys and values.
 
@@ -264,11 +265,12 @@ class LlamaForward:
         capture: layers whose output (the residual stream after them) to return as `layers`.
         skip: layers not to run (a cheaper model for self-speculative drafting: the residual stream passes
         them unchanged, and their cache slots for these tokens are left as they were).
+        sparse: SparQ attention over the older slots (an approximation, for a self-speculative draft).
         """
         batch, num_new = tokens.shape if tokens.ndim == 2 else (0, 0)
         positions = positions.expand(batch, -1) if positions.ndim == 1 else positions
         if attention_mask is None and num_new > PREFILL_CHUNK:
-            return self._chunked(tokens, positions, cache, logit_indices, features, capture, skip)
+            return self._chunked(tokens, positions, cache, logit_indices, features, capture, skip, sparse)
         mask = causal_mask(cache.length, num_new) if attention_mask is None else attention_mask
         self._check(tokens, positions, cache, mask)
         if any(not 0 <= i < self.config.num_layers for i in capture):
@@ -279,6 +281,9 @@ class LlamaForward:
         captured = {}
         start = cache.reserve(num_new)
         c = self.config
+        # SparQ where more older slots than it keeps: below that it would attend to all of them anyway.
+        dense_from = 0 if sparse is None or sparse.dense_from(start) <= sparse.keep else sparse.dense_from(start)
+        means = cache.value_means(dense_from) if dense_from else None  # [layers, B, G, E]
         mask = mask.expand(batch, -1, -1)  # [B, T, S]
         on_kernel = self.kernel_attention and num_new <= FEW_QUERIES
         # The kernel takes queries as [B, T, H, E]; torch's path as [B, H, T, E].
@@ -301,8 +306,9 @@ class LlamaForward:
             x = x.float().contiguous()  # updated in place by the kernel
             cos, sin = cos[:, :, 0].contiguous(), sin[:, :, 0].contiguous()  # [B, T, E]
             stack = self._fused_stack()
+            sparsely = None if means is None else kernels.Sparse(sparse.rank, sparse.keep, dense_from, means)
             for first, count in _spans(len(self.layers), set(capture), skip):
-                stack(x, cos, sin, cache.keys, cache.values, start, mask, first, count, cache.keys_t)
+                stack(x, cos, sin, cache.keys, cache.values, start, mask, first, count, cache.keys_t, sparsely)
                 if first + count - 1 in capture:
                     captured[first + count - 1] = x.clone()
         for index, layer in enumerate(() if fused else self.layers):
@@ -315,7 +321,9 @@ class LlamaForward:
                 v = v.view(batch, num_new, c.num_kv_heads, c.head_dim)
                 cache.write(index, start, k.transpose(1, 2), v.transpose(1, 2))
                 attended = kernels.attend(q, cache.keys[index], cache.values[index], mask, start + num_new,
-                                          None if cache.keys_t is None else cache.keys_t[index])
+                                          None if cache.keys_t is None else cache.keys_t[index],
+                                          None if means is None else kernels.Sparse(sparse.rank, sparse.keep,
+                                                                                    dense_from, means[index]))
                 x = x + layer.output(attended.view(batch, num_new, -1))
                 gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
                 x = x + layer.down(F.silu(gate) * up)
@@ -326,7 +334,8 @@ class LlamaForward:
             k = _rotate(k.view(batch, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
             v = v.view(batch, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
             keys, values = cache.write(index, start, k, v)  # [B, G, S, E]
-            attended = attend(q, keys, values, mask)  # [B, H, T, E]
+            attended = (attend(q, keys, values, mask) if means is None  # [B, H, T, E]
+                        else sparq_attend(q, keys, values, mask, means[index], sparse, dense_from))
             x = x + layer.output(attended.transpose(1, 2).reshape(batch, num_new, -1))
             gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
