@@ -71,10 +71,10 @@ def parse_sparq(spec: str) -> SparQ:
         if not spec.startswith(prefix):
             raise ValueError
         rank, keep = (int(part) for part in spec[len(prefix):].split(","))
-        return SparQ(rank=rank, keep=keep)
     except ValueError:
         raise InvalidInputError(f"a SparQ self-draft is '{SPARQ}' or '{SPARQ}:<rank>,<keep>' (e.g. "
                                 f"'{SPARQ}:16,128': 16 query components, 128 older slots kept), got '{spec}'") from None
+    return SparQ(rank=rank, keep=keep)
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,15 @@ class KVCache:
         if self.value_sums is None or upto == self.summed:
             self.summed = min(self.summed, upto)
             return
+        if upto == 0:
+            self.value_sums.zero_()
+            self.summed = 0
+            return
         low, high = sorted((self.summed, upto))
-        moved = self.values[:, :, :, low:high].sum(3).double()  # float32 within a move: 13x faster at 4k
+        moved = self.values[:, :, :, low:high]
+        # A step's few slots are summed in float64, exactly undone when they move back; a prompt's thousands
+        # in float32 first (a float64 copy of a 4k-slot cache took 13x as long).
+        moved = moved.double().sum(3) if high - low <= 512 else moved.sum(3).double()
         self.value_sums += moved if upto > self.summed else -moved
         self.summed = upto
 
