@@ -149,3 +149,37 @@ def test_the_long_suites_are_documentation_of_their_size():
         for prompt in prompts:
             body = prompt.text[len(LONG_INSTRUCTION.split("{text}")[0]):]
             assert 0.9 * tokens * CHARACTERS_PER_TOKEN < len(body) <= tokens * CHARACTERS_PER_TOKEN
+
+
+def test_self_drafts_and_an_approximate_mode_run_beside_the_exact_methods(folders, tmp_path):
+    target, _ = folders
+    result = CliRunner().invoke(app, [
+        "bench", "--target", str(target), "--draft", "sparq:2,4", "--compare-draft", "self-skip:0",
+        "--approximate", "sparq:2,4", "--precision", "fp32", "--suites", "chat", "--prompts", "1", "--tokens", "4",
+        "--temperatures", "1", "--k", "1", "--L", "2", "--no-peers", "-o", str(tmp_path / "out"),
+        "--docs", str(tmp_path / "RESULTS.md"),
+    ])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    names = {m["name"] for m in saved["config"]["methods"]}
+    assert {"spectr sd L=2", "spectr sd L=2 [self-skip:0]", "spectr ar [APPROXIMATE sparq:2,4]"} <= names
+    assert "SparQ attention" in saved["engine"] and "layers 0 of 2 skipped" in saved["compared_drafts"]["self-skip:0"]
+    assert "APPROXIMATE" in saved["compared_drafts"]["APPROXIMATE sparq:2,4"]
+    deviation = saved["approximate"]["APPROXIMATE sparq:2,4"]["all"]
+    assert deviation["positions"] == 32 and 0 <= deviation["mean_tv"] <= deviation["max_tv"] <= 1
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "Approximate modes (not exact)" in text and "| APPROXIMATE sparq:2,4 | chat |" in text
+
+
+def test_the_approximate_deviation_is_zero_where_sparq_keeps_everything_and_not_where_it_drops(folders):
+    target, _ = folders
+    engine = spectr.load(target, draft="ngram", precision="fp32")
+    from spectr.bench.suites import Prompt
+
+    prompts = [Prompt("long", "long-test", " ".join(load_suite("chat", 12)[i].text for i in range(12)), chat=False)]
+    ids = runner.encode(engine, prompts[0])
+    assert 64 + 16 + 1 < len(ids) < 200  # long enough for SparQ to leave slots out, inside the tiny context
+    keeps_all = runner.approximation_deviation(engine, engine.sibling(approximate="sparq:64,100000"), prompts, tokens=4)
+    assert keeps_all["all"]["max_tv"] == 0.0  # keeping every slot is plain attention (not even engaged)
+    drops = runner.approximation_deviation(engine, engine.sibling(approximate="sparq:1,1"), prompts, tokens=4)
+    assert drops["all"]["mean_tv"] > 0  # engaged: a random tiny model moves little (~5e-6), but it moves

@@ -181,3 +181,20 @@ def test_the_sparq_forward_is_an_approximation_that_engages_past_its_window(prec
     sparse, full = next_logits(79, TINY_SPARQ), next_logits(79, None)
     assert not torch.equal(sparse, full)
     assert (sparse.softmax(-1) - full.softmax(-1)).abs().sum() / 2 < 0.5  # close, not equal
+
+
+def test_the_approximate_mode_is_opt_in_and_labelled(tmp_path):
+    import spectr
+    from tests.models.test_loading import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "tiny")
+    exact = spectr.load(folder, draft="ngram", precision="fp32")
+    assert exact.approximate is None and "APPROXIMATE" not in exact.describe()
+    engine = spectr.load(folder, draft="ngram", precision="fp32", approximate="sparq:2,4")
+    assert engine.approximate == SparQ(rank=2, keep=4) and "APPROXIMATE" in engine.describe()
+    assert getattr(engine.target_forward(), "approximate", False)
+    prompt = list(range(3, 120))  # long enough for SparQ to engage
+    rough = spectr.generate(engine, prompt, method="ar", max_new_tokens=6, temperature=0.0)
+    assert len(rough.tokens) == 6
+    with pytest.raises(InvalidInputError, match="sparq:<rank>,<keep>"):
+        spectr.load(folder, draft="ngram", precision="fp32", approximate="sparq:2")

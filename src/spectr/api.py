@@ -23,9 +23,11 @@ from spectr.detokenize import IncrementalText
 from spectr.decoding import Decoder, StepStats
 from spectr.planner import MAX_AUTO_LENGTH, CostProfile, cached_profile, measure_profile
 from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
-from spectr.drafters.self_draft import SelfDraft, SelfDrafter, is_self_draft, parse_self_draft
+from spectr.drafters.self_draft import SelfDraft, SelfDrafter, is_self_draft, parse_self_draft, parse_sparq
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
+from spectr.models.approximate import SparQForward
+from spectr.models.attention import SparQ
 from spectr.models.loading import ModelSource, stop_token_ids
 from spectr.precisions import DEFAULT_DRAFT_PRECISION, DEFAULT_PRECISION
 from spectr.processing import TokenLogprob
@@ -43,6 +45,7 @@ class Engine:
     target: LoadedModel
     draft: LoadedModel | None  # None: n-gram (prompt lookup) drafts, or the target itself (self_draft)
     self_draft: SelfDraft | None = None  # the target with layers skipped and/or SparQ attention
+    approximate: SparQ | None = None  # opt-in approximate mode: SparQ attention in the target's decoding passes
     _profiles: dict = field(default_factory=dict, repr=False)
 
     def cost_profile(self, max_length: int = MAX_AUTO_LENGTH, refresh: bool = False) -> CostProfile:
@@ -62,6 +65,22 @@ class Engine:
     @property
     def tokenizer(self):
         return self.target.tokenizer
+
+    def sibling(self, draft: str | Path | None = None, approximate: str | None = None) -> "Engine":
+        """Another engine over this one's loaded target: with another draft (as `load` names them), or in an
+        approximate mode (as `load`'s approximate)."""
+        if approximate is not None:
+            SparQForward(self.target.lm, parse_sparq(approximate))  # checks the target runs on spectr's forward
+            return Engine(target=self.target, draft=None, approximate=parse_sparq(approximate))
+        if is_self_draft(draft):
+            return Engine(target=self.target, draft=None,
+                          self_draft=parse_self_draft(str(draft), self.target.lm.config.num_layers))
+        return Engine(target=self.target, draft=_load_draft(draft, self.target, DEFAULT_DRAFT_PRECISION))
+
+    def target_forward(self):
+        """What decoding runs as the target: its forward, or in the approximate mode that forward with SparQ
+        attention (models/approximate.py: not the target's exact law)."""
+        return self.target.lm if self.approximate is None else SparQForward(self.target.lm, self.approximate)
 
     def drafter(self):
         if self.self_draft is not None:
@@ -83,7 +102,8 @@ class Engine:
             draft = "n-gram lookup"
         else:
             draft = f"{name(self.draft)} ({self.draft.lm.backend}, {self.draft.lm.precision})"
-        return f"target {name(self.target)} ({self.target.lm.backend}, {self.target.lm.precision}); draft {draft}"
+        described = f"target {name(self.target)} ({self.target.lm.backend}, {self.target.lm.precision}); draft {draft}"
+        return described if self.approximate is None else f"{described}; {self.target_forward().describe()}"
 
 
 def load(
@@ -92,6 +112,7 @@ def load(
     precision: str = DEFAULT_PRECISION,
     draft_precision: str | None = None,
     compile: bool = False,
+    approximate: str | None = None,
 ) -> Engine:
     """Load the target (default: SmolLM2-135M-Instruct) and a draft: 'default' (the trained draft
     shipped for the default target, n-gram lookups otherwise), 'ngram', a trained draft folder, a model, or
@@ -101,7 +122,20 @@ def load(
 
     draft_precision: the draft's (default int4, DEFAULT_DRAFT_PRECISION: cheapest at equal acceptance).
     compile: run the target through torch.compile (fp32/bf16; ~40 s per shape bucket on first use).
+    approximate: 'sparq' or 'sparq:<rank>,<keep>': an APPROXIMATE mode, the target's decoding passes with SparQ
+    attention (faster at long contexts; not the target's exact law; models/approximate.py).
     """
+    sparse = None if approximate is None else parse_sparq(approximate)
+    if sparse is not None and compile:
+        raise UnsupportedModelError("the approximate mode changes spectr's own forward; --compile replaces it")
+    engine = _load(target, draft, precision, draft_precision, compile)
+    if sparse is not None:
+        SparQForward(engine.target.lm, sparse)  # checks that the target runs on spectr's own forward
+        engine.approximate = sparse
+    return engine
+
+
+def _load(target, draft, precision, draft_precision, compile) -> Engine:
     target_model = load_model(target, precision=precision)
     if is_self_draft(draft):
         if not getattr(target_model.lm, "supports_skip", False):
@@ -268,7 +302,7 @@ def stream(engine: Engine, prompt: str | list[int] | list[dict], settings: Gener
     ids = encode_prompt(engine, prompt, chat)
     generator = torch.Generator().manual_seed(random.randrange(2**63) if seed is None else seed)
     profile = engine.cost_profile(decode.length) if decode.tree == "auto" else None
-    decoder = Decoder(engine.target.lm, engine.drafter() if decode.method != "ar" else None, decode, params, profile,
+    decoder = Decoder(engine.target_forward(), engine.drafter() if decode.method != "ar" else None, decode, params, profile,
                       logprobs=settings.logprobs)
     stats = GenerationStats(prompt_tokens=len(ids))
     stop_ids = stop_token_ids(engine.tokenizer)

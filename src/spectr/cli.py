@@ -14,11 +14,12 @@ bench_app = typer.Typer(help="Benchmarks, side by side with peers, on this machi
 app.add_typer(bench_app, name="bench")
 
 
-def _engine(target: str, draft: str, precision: str, compile: bool = False):
+def _engine(target: str, draft: str, precision: str, compile: bool = False, approximate: str | None = None):
     import spectr
 
     typer.echo(f"loading {target} ...", err=True)
-    engine = spectr.load(None if target == "default" else target, draft=draft, precision=precision, compile=compile)
+    engine = spectr.load(None if target == "default" else target, draft=draft, precision=precision, compile=compile,
+                         approximate=approximate)
     typer.echo(engine.describe(), err=True)
     return engine
 
@@ -31,8 +32,14 @@ def _fail(error: Exception) -> None:
 TARGET = typer.Option("default", "--target", help="Target model folder or .gguf (default: SmolLM2-135M-Instruct).")
 DRAFT = typer.Option("default", "--draft",
                      help="'default' (the shipped trained draft of the default target, else n-gram), 'ngram', "
-                          "a trained draft folder, a draft model folder / .gguf, or the target itself with layers "
-                          "skipped: 'self-skip' (the middle third) or 'self-skip:8-21' (no training, any model).")
+                          "a trained draft folder, a draft model folder / .gguf, or the target itself, cheaper (no "
+                          "training, any model spectr runs): 'self-skip' (its middle third of layers skipped) or "
+                          "'self-skip:8-21'; 'sparq' (SparQ attention over the older context, for long prompts) or "
+                          "'sparq:<rank>,<keep>'; or both joined by '+'.")
+APPROXIMATE = typer.Option(None, "--approximate",
+                           help="'sparq' or 'sparq:<rank>,<keep>': an APPROXIMATE mode, SparQ attention in the "
+                                "target's own decoding passes (faster at long contexts, NOT the target's exact "
+                                "law; the exact use of SparQ is --draft sparq).")
 PRECISION = typer.Option(DEFAULT_PRECISION, "--precision",
                          help="native (the file's own quantization), fp32, bf16, int8 or int4 (re-quantized).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the target (fp32/bf16; ~40 s per shape bucket).")
@@ -69,8 +76,10 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION, compile: bool = COMPILE,
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    approximate: str | None = APPROXIMATE,
 ) -> None:
-    """Sample a continuation exactly from the target, streaming it, then print a stats line."""
+    """Sample a continuation exactly from the target (unless --approximate), streaming it, then print a
+    stats line."""
     import spectr
     from spectr.errors import SpectrError
 
@@ -81,13 +90,14 @@ def generate(
             method=method, rule=rule, k=k, L=length, tree=tree, budget=budget, temperature=temperature, top_k=top_k,
             top_p=top_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, stop=stop)
-        engine = _engine(target, draft, precision, compile)
+        engine = _engine(target, draft, precision, compile, approximate)
         stats = None
         for chunk in spectr.stream(engine, prompt, settings, chat=chat):
             typer.echo(chunk.text, nl=False)
             stats = chunk.stats
         typer.echo("")
-        typer.echo(f"[{settings.label()}] {stats.summary()}", err=True)
+        label = settings.label() + (", APPROXIMATE (SparQ attention)" if engine.approximate else "")
+        typer.echo(f"[{label}] {stats.summary()}", err=True)
     except SpectrError as error:
         _fail(error)
 
@@ -391,7 +401,11 @@ def bench(
     peers: bool = typer.Option(True, help="Also run transformers and llama.cpp."),
     seed: int = typer.Option(0, "--seed"),
     compare: list[str] = typer.Option([], "--compare-draft", help="Another draft (e.g. the previous trained "
-                                      "draft's folder) run through the same grid, side by side (repeatable)."),
+                                      "draft's folder, or 'sparq', 'self-skip') run through the same grid, side by "
+                                      "side (repeatable)."),
+    approximate: list[str] = typer.Option([], "--approximate", help="An APPROXIMATE mode ('sparq:<rank>,<keep>') "
+                                          "run as a plain loop beside the exact methods, with its measured deviation "
+                                          "from the target's law (repeatable)."),
 ) -> None:
     """Run spectr's methods and the peers side by side on the prompt suites; write results and plots."""
     if context.invoked_subcommand is not None:
@@ -406,22 +420,20 @@ def bench(
     if quick:
         config = runner.BenchConfig(suites=("code", "chat"), prompts_per_suite=2, temperatures=(0.0, 1.0),
                                     max_new_tokens=64, grid_k=(1, 2, 4), grid_length=(4,), peers=peers, seed=seed,
-                                    compared_drafts=tuple(Path(c).name for c in compare))
+                                    compared_drafts=tuple(Path(c).name for c in compare),
+                                    approximate=tuple(approximate))
         output = output / "quick" if output == Path("bench/results") else output
     else:
         config = runner.BenchConfig(suites=tuple(s.strip() for s in suites.split(",")), prompts_per_suite=prompts,
                                     temperatures=_numbers(temperatures, float, '--temperatures'), max_new_tokens=tokens, grid_k=_numbers(grid_k, int, '--k'),
                                     grid_length=_numbers(grid_length, int, '--L'), peers=peers, seed=seed,
-                                    compared_drafts=tuple(Path(c).name for c in compare))
+                                    compared_drafts=tuple(Path(c).name for c in compare),
+                                    approximate=tuple(approximate))
         docs = docs if docs is not None else Path("docs/RESULTS.md")
     try:
         engine = _engine(target, draft, precision)
-        from spectr.api import Engine, _load_draft
-        from spectr.precisions import DEFAULT_DRAFT_PRECISION
-
-        compared = {Path(c).name: Engine(target=engine.target, draft=_load_draft(c, engine.target,
-                                                                                DEFAULT_DRAFT_PRECISION))
-                    for c in compare}
+        compared = {Path(c).name: engine.sibling(draft=c) for c in compare}
+        compared.update({runner.approximate_label(a): engine.sibling(approximate=a) for a in approximate})
         with Progress() as progress:
             task = progress.add_task("bench", total=None)
             result = runner.run_bench(engine, config, cache_dir=output / "cache", compared=compared,

@@ -115,6 +115,9 @@ def plots(result: dict, output: Path) -> list[Path]:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
+    long_suites = [suite for suite in result["config"]["suites"] if suite.startswith("long-")]
+    if len(long_suites) > 1:
+        written.append(context_plot(result, long_suites, output))
     if result.get("rules_vs_optimal"):
         data = result["rules_vs_optimal"]
         figure, axes = plt.subplots(1, len(data), figsize=(4.5 * len(data), 3.6), squeeze=False)
@@ -135,6 +138,65 @@ def plots(result: dict, output: Path) -> list[Path]:
     return written
 
 
+def _prompt_tokens(result: dict, suite: str) -> float:
+    records = [r for r in result["records"] if r["suite"] == suite]
+    return sum(r["prompt_tokens"] for r in records) / len(records)
+
+
+def best_by_draft(result: dict, temperature: float, suite: str) -> dict[str, dict]:
+    """Per draft (the bench's, each compared one, each approximate mode): its fastest method in this suite."""
+    best: dict[str, dict] = {}
+    for row in _rows(result, suite, temperature):
+        if row["family"] != "spectr" or (row["kind"] == "ar" and not row.get("draft")):
+            continue
+        label = row.get("draft") or "the bench's draft"
+        if label not in best or row["tokens_per_second"] > best[label]["tokens_per_second"]:
+            best[label] = row
+    return best
+
+
+def context_plot(result: dict, suites: list[str], output: Path) -> Path:
+    """Speedup over spectr's plain loop against the prompt's length: each draft's best method per suite."""
+    temperatures = result["config"]["temperatures"]
+    figure, axes = plt.subplots(1, len(temperatures), figsize=(5 * len(temperatures), 3.8), squeeze=False)
+    for axis, temperature in zip(axes[0], temperatures):
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for suite in suites:
+            for label, row in best_by_draft(result, temperature, suite).items():
+                if row["speedup_vs_ar"] is not None:
+                    curves.setdefault(label, []).append((_prompt_tokens(result, suite), row["speedup_vs_ar"]))
+        for label, points in curves.items():
+            axis.plot(*zip(*sorted(points)), marker="o", label=label, linestyle="--" if "APPROXIMATE" in label else "-")
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("prompt tokens")
+        axis.set_title(f"T = {temperature:g}")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best speedup over spectr ar")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    path = output / "speedup_by_context.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def approximate_table(result: dict) -> str:
+    """Each approximate mode: its measured distance from the target's law, and its speed."""
+    lines = ["| mode | suite | mean TV from the exact law | max TV | positions | " +
+             " | ".join(f"tok/s ×ar at T={t:g}" for t in result["config"]["temperatures"]) + " |",
+             "|---|---|---|---|---|" + "---|" * len(result["config"]["temperatures"])]
+    for label, deviation in result["approximate"].items():
+        for suite, measured in deviation.items():
+            speeds = []
+            for temperature in result["config"]["temperatures"]:
+                row = next((r for r in _rows(result, suite, temperature) if r["method"] == f"spectr ar [{label}]"), None)
+                speeds.append("–" if row is None else _fmt(row["speedup_vs_ar"], 2, "×"))
+            lines.append(f"| {label} | {suite} | {measured['mean_tv']:.4f} | {measured['max_tv']:.4f} | "
+                         f"{measured['positions']} | " + " | ".join(speeds) + " |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict, images: list[Path], relative_to: Path, command: str) -> str:
     config = result["config"]
     parts = [
@@ -152,6 +214,11 @@ def markdown(result: dict, images: list[Path], relative_to: Path, command: str) 
     ]
     if result["skipped"]:
         parts += ["Skipped here: " + "; ".join(f"**{s['method']}**: {s['reason']}" for s in result["skipped"]), ""]
+    if result.get("approximate"):
+        parts += ["## Approximate modes (not exact)", "",
+                  "These change the output distribution: each next-token law is moved by the total variation below "
+                  "(T = 1, along the target's own continuations, both laws over the same exact cache). Every "
+                  "other method here samples exactly from the target.", "", approximate_table(result), ""]
     for temperature in config["temperatures"]:
         parts += [f"## T = {temperature:g}", "", full_table(result, temperature), ""]
     for image in images:

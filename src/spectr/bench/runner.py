@@ -77,6 +77,7 @@ class BenchConfig:
     peers: bool = True
     seed: int = 0
     compared_drafts: tuple[str, ...] = ()  # labels of other drafts run through the same grid (`run_bench`)
+    approximate: tuple[str, ...] = ()  # approximate modes ('sparq:8,64') run as a plain loop, their deviation measured
 
 
 def spectr_methods(config: BenchConfig) -> list[Method]:
@@ -104,7 +105,14 @@ def spectr_methods(config: BenchConfig) -> list[Method]:
                               tree="dynamic", budget=nodes))
     for k, length in config.greedy_at:
         methods.append(Method(f"spectr greedy k={k} L={length}", "spectr", "spectr", None, k, length, tree="greedy"))
+    for spec in config.approximate:
+        methods.append(Method(f"spectr ar [{approximate_label(spec)}]", "spectr", "ar", draft=approximate_label(spec)))
     return methods
+
+
+def approximate_label(spec: str) -> str:
+    """How an approximate mode is named in results: never mistaken for an exact method."""
+    return f"APPROXIMATE {spec}"
 
 
 def peer_methods(config: BenchConfig) -> list[Method]:
@@ -229,7 +237,7 @@ def run_spectr(engine, method: Method, ids: list[int], temperature: float, max_n
                               tree=method.tree, budget=method.budget)
     drafter = engine.drafter() if method.kind != "ar" else None
     profile = engine.cost_profile(settings.length) if settings.tree == "auto" else None
-    decoder = Decoder(engine.target.lm, drafter, settings, SamplingParams(temperature=temperature), profile)
+    decoder = Decoder(engine.target_forward(), drafter, settings, SamplingParams(temperature=temperature), profile)
     stats = GenerationStats()
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -250,9 +258,11 @@ def encode(engine, prompt: Prompt) -> list[int]:
 def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method] | None = None,
               progress: Callable[[int, int, str], None] | None = None, compared: dict | None = None) -> dict:
     """Run every method on every prompt of every suite at every temperature; the raw results as a dict.
-    compared: label -> Engine (same target, another draft) for config.compared_drafts."""
+    compared: label -> Engine (same target, another draft) for config.compared_drafts, and for each approximate
+    mode (approximate_label(spec) -> an Engine with it)."""
     engines = {"": engine, **(compared or {})}
-    missing = [label for label in config.compared_drafts if label not in engines]
+    missing = [label for label in config.compared_drafts + tuple(approximate_label(a) for a in config.approximate)
+               if label not in engines]
     if missing:
         raise ValueError(f"no engine given for the compared drafts {missing}")
     methods = methods if methods is not None else spectr_methods(config) + (peer_methods(config) if config.peers else [])
@@ -291,6 +301,9 @@ def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "engine": engine.describe(paths=False),
         "compared_drafts": {label: e.describe(paths=False) for label, e in (compared or {}).items()},
+        "approximate": {approximate_label(spec): approximation_deviation(engine, engines[approximate_label(spec)],
+                                                                         prompts, seed=config.seed)
+                        for spec in config.approximate},
         "skipped": skipped,
         "records": [asdict(r) for r in records],
         "summary": summarize(records, runnable),
@@ -379,3 +392,25 @@ def sample_continuation(engine, ids: list[int], tokens: int, seed: int, temperat
     """The target's own continuation of `ids` (plain sampling), as token ids."""
     decoder = Decoder(engine.target.lm, None, DecodeSettings(method="ar"), SamplingParams(temperature=temperature))
     return [t for step in decoder.stream(ids, tokens, torch.Generator().manual_seed(seed)) for t in step.emitted]
+
+
+def approximation_deviation(engine, approximate, prompts: list[Prompt], tokens: int = 32, seed: int = 0) -> dict:
+    """How far an approximate mode's next-token law is from the target's exact one: the mean total variation
+    (at T = 1, over the whole vocabulary) at each of `tokens` positions along the target's own continuation of
+    each prompt, per suite and over all ("all"), both laws computed over the same exact cache."""
+    lm, approximated = engine.target.lm, approximate.target_forward()
+    totals: dict[str, list[float]] = {}
+    for index, prompt in enumerate(prompts):
+        ids = encode(engine, prompt)
+        text = ids + sample_continuation(engine, ids, tokens, seed + index)
+        cache = lm.new_cache(len(text))
+        lm.forward(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1), cache, logit_indices=torch.tensor([], dtype=torch.long))
+        for position in range(len(ids) - 1, len(text) - 1):
+            token, at = torch.tensor([[text[position]]]), torch.tensor([position])
+            rough = approximated.forward(token, at, cache).logits[0, -1].double().softmax(-1)
+            cache.truncate(position)  # its keys and values went through approximate layers: the exact pass rewrites them
+            exact = lm.forward(token, at, cache).logits[0, -1].double().softmax(-1)
+            for key in (prompt.suite, "all"):
+                totals.setdefault(key, []).append(float((rough - exact).abs().sum() / 2))
+    return {key: {"mean_tv": sum(values) / len(values), "max_tv": max(values), "positions": len(values)}
+            for key, values in totals.items()}

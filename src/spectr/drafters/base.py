@@ -60,9 +60,16 @@ def root_distributions(drafter, text: list[int], first: int, target_hidden: torc
     drafter.reset(len(text) + 8)
     if feeds:
         drafter.observe(target_hidden[:first])
+    shared = getattr(drafter, "shares_target_cache", False)  # a self-draft drafts in the target's cache
+    if shared:
+        cache, none = drafter.target.new_cache(len(text) + 8), torch.tensor([], dtype=torch.long)
+        drafter.target.forward(torch.tensor([text[:first]]), torch.arange(first), cache, logit_indices=none)
+        drafter.attach_cache(cache)
     for position in range(first, len(text) - 1):
         tree = drafter.propose(text[: position + 1], 1, 1, params, torch.Generator().manual_seed(position))
         yield position, None if tree.draft_probs is None else tree.draft_probs[0]
         drafter.commit([])
         if feeds:
             drafter.observe(target_hidden[position : position + 1])
+        if shared:  # the text's token goes into the target's cache, as the decoder's verification puts it
+            drafter.target.forward(torch.tensor([[text[position]]]), torch.tensor([position]), cache, logit_indices=none)

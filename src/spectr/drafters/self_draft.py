@@ -152,6 +152,11 @@ class SelfDrafter(ModelDrafter):
         self.sparse = sparse
         self.name = SelfDraft(self.skip, sparse).describe(lm.config.num_layers).removeprefix("the target itself, ")
 
+    @property
+    def target(self):
+        """The target's own forward (what this draft leaves parts of out)."""
+        return self.lm.lm
+
     def reset(self, capacity: int) -> None:
         self.cache = None  # until the decoder attaches the target's
 
