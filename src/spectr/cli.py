@@ -399,6 +399,8 @@ def bench(
     grid_k: str = typer.Option("1,2,4,8", "--k", help="Drafts per step to try (k = 1: standard SD)."),
     grid_length: str = typer.Option("2,4,6", "--L", help="Draft lengths to try."),
     peers: bool = typer.Option(True, help="Also run transformers and llama.cpp."),
+    extras: bool = typer.Option(True, help="Also the other rules (SpecInfer, RSD) and the dynamic and greedy trees, "
+                                           "at fixed shapes."),
     seed: int = typer.Option(0, "--seed"),
     compare: list[str] = typer.Option([], "--compare-draft", help="Another draft (e.g. the previous trained "
                                       "draft's folder, or 'sparq', 'self-skip') run through the same grid, side by "
@@ -421,14 +423,14 @@ def bench(
         config = runner.BenchConfig(suites=("code", "chat"), prompts_per_suite=2, temperatures=(0.0, 1.0),
                                     max_new_tokens=64, grid_k=(1, 2, 4), grid_length=(4,), peers=peers, seed=seed,
                                     compared_drafts=tuple(Path(c).name for c in compare),
-                                    approximate=tuple(approximate))
+                                    approximate=tuple(approximate), extras=extras)
         output = output / "quick" if output == Path("bench/results") else output
     else:
         config = runner.BenchConfig(suites=tuple(s.strip() for s in suites.split(",")), prompts_per_suite=prompts,
                                     temperatures=_numbers(temperatures, float, '--temperatures'), max_new_tokens=tokens, grid_k=_numbers(grid_k, int, '--k'),
                                     grid_length=_numbers(grid_length, int, '--L'), peers=peers, seed=seed,
                                     compared_drafts=tuple(Path(c).name for c in compare),
-                                    approximate=tuple(approximate))
+                                    approximate=tuple(approximate), extras=extras)
         docs = docs if docs is not None else Path("docs/RESULTS.md")
     try:
         engine = _engine(target, draft, precision)

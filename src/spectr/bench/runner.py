@@ -78,6 +78,7 @@ class BenchConfig:
     seed: int = 0
     compared_drafts: tuple[str, ...] = ()  # labels of other drafts run through the same grid (`run_bench`)
     approximate: tuple[str, ...] = ()  # approximate modes ('sparq:8,64') run as a plain loop, their deviation measured
+    extras: bool = True  # also the other rules (rules_at) and the dynamic and greedy trees, at their fixed shapes
 
 
 def spectr_methods(config: BenchConfig) -> list[Method]:
@@ -98,12 +99,12 @@ def spectr_methods(config: BenchConfig) -> list[Method]:
                         methods.append(Method(f"spectr {rule} k={k} L={length}{tag}", "spectr", "spectr", rule, k,
                                               length, draft))
     k, length = config.rules_at
-    for rule in ("specinfer", "rsd"):
+    for rule in ("specinfer", "rsd") if config.extras else ():
         methods.append(Method(f"spectr {rule} k={k} L={length}", "spectr", "spectr", rule, k, length))
-    for k, length, nodes in config.dynamic_at:
+    for k, length, nodes in config.dynamic_at if config.extras else ():
         methods.append(Method(f"spectr dynamic k={k} L={length} n={nodes}", "spectr", "spectr", None, k, length,
                               tree="dynamic", budget=nodes))
-    for k, length in config.greedy_at:
+    for k, length in config.greedy_at if config.extras else ():
         methods.append(Method(f"spectr greedy k={k} L={length}", "spectr", "spectr", None, k, length, tree="greedy"))
     for spec in config.approximate:
         methods.append(Method(f"spectr ar [{approximate_label(spec)}]", "spectr", "ar", draft=approximate_label(spec)))

@@ -6,16 +6,17 @@
   (`pydoc_data.topics`), with a chat instruction to summarise them.
 - chat: hand-written everyday instructions (none of them is produced by the
   templates the drafts are trained on).
-- long-1k, long-2k, long-4k: long contexts (issue: SparQ and self-speculation) --
+- long-1k, long-2k, long-4k, long-8k: long contexts (SparQ and self-speculation) --
   consecutive topics of the same Python documentation, about 1k / 2k / 4k tokens
-  of them, with a chat instruction to summarise them.
+  of them, and for long-8k what fits the default target's 8192-token context with
+  room to decode (~7.6k), with a chat instruction to summarise them.
 Prompts are picked evenly across each source, so `count` prompts of a suite are
 always the same ones.
 """
 
 from dataclasses import dataclass
 
-SUITES = ("code", "summarize", "chat", "long-1k", "long-2k", "long-4k")
+SUITES = ("code", "summarize", "chat", "long-1k", "long-2k", "long-4k", "long-8k")
 
 CHAT_PROMPTS = [
     "Give me three tips for staying focused while studying.",
@@ -36,7 +37,7 @@ SUMMARY_INSTRUCTION = "Summarize the following passage from the Python documenta
 PASSAGE_CHARACTERS = (400, 1500)
 # Prompt tokens of the long suites, and the characters that make about that many of SmolLM2's tokens in
 # this documentation (measured: 3.9-4.4 characters a token; 943-1054, 1917-2034, 3923-3950 tokens).
-LONG_TOKENS = {"long-1k": 1024, "long-2k": 2048, "long-4k": 4096}
+LONG_TOKENS = {"long-1k": 1024, "long-2k": 2048, "long-4k": 4096, "long-8k": 7600}
 CHARACTERS_PER_TOKEN = 4.0
 LONG_INSTRUCTION = "Summarize the following sections of the Python documentation in a few sentences.\n\n{text}"
 
