@@ -41,6 +41,32 @@ def test_the_choice_follows_acceptance_and_cost():
     assert 0 < cheap.best_length() < 6
 
 
+# The same, and on a long context a draft that reads little of the cache: the target's steps cost 2.5x as
+# much there, the draft's 1.2x (SparQ's case).
+CHEAPER_DRAFT_LATER = CostProfile(target_seconds=tuple(0.010 * (n + 1) for n in range(7)),
+                                  draft_seconds=tuple(0.004 * (n + 1) for n in range(6)), context=128,
+                                  long_target_seconds=tuple(0.025 + 0.006 * n for n in range(7)),
+                                  long_draft_seconds=tuple(0.0048 * (n + 1) for n in range(6)), long_context=2048)
+
+
+def test_costs_follow_the_context_on_the_line_through_the_two_measured():
+    profile = CHEAPER_DRAFT_LATER
+    assert profile.step_seconds(2) == profile.step_seconds(2, 128) == pytest.approx(0.030 + 0.008)
+    assert profile.step_seconds(2, 2048) == pytest.approx(0.037 + 0.0096)
+    assert profile.step_seconds(2, 1088) == pytest.approx((0.038 + 0.0466) / 2)  # halfway
+    assert profile.step_seconds(0, 3968) == pytest.approx(0.010 + 2 * 0.015)  # beyond: extrapolated
+    assert profile.step_seconds(0, 16) == profile.step_seconds(0)  # below the short one: the short one
+    assert DEAR_TREES.step_seconds(3, 4096) == DEAR_TREES.step_seconds(3)  # measured on one context only
+
+
+def test_the_choice_follows_the_context():
+    planner = PathPlanner(CHEAPER_DRAFT_LATER, 6)
+    planner.acceptance = [0.9] * 6
+    assert planner.best_length(200) == 0  # a short text: the tree costs what separate steps would
+    assert planner.best_length(4000) > 1  # a long one: the draft gains on the target
+    assert planner.choose(4000) > 1
+
+
 def test_plain_steps_still_look_at_the_draft_now_and_then():
     """One step in 8 drafts, then one in 16, 32, 64, 64: less often while drafting keeps losing."""
     planner = PathPlanner(DEAR_TREES, 4)
@@ -90,6 +116,9 @@ def test_measured_profile_and_its_cache(models, tmp_path, monkeypatch):
     profile = cached_profile("tiny", measure)
     assert len(profile.target_seconds) == 4 and len(profile.draft_seconds) == 3 and profile.max_length == 3
     assert all(seconds > 0 for seconds in profile.target_seconds + profile.draft_seconds)
+    # And on a long context: half the tiny model's 256 positions.
+    assert profile.context == 16 and profile.long_context == 128
+    assert len(profile.long_target_seconds) == 4 and len(profile.long_draft_seconds) == 3
     assert cached_profile("tiny", measure) == profile and len(calls) == 1  # read back, not measured again
     cached_profile("tiny", measure, refresh=True)
     assert len(calls) == 2

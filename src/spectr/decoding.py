@@ -317,7 +317,7 @@ class Decoder:
         """This step's draft tree and its shape's name."""
         settings = self.settings
         if self.planner is not None:
-            length = self.planner.choose()
+            length = self.planner.choose(len(text))
             if length == 0:  # a plain step: the target alone (the drafter is not asked, nor told)
                 return _PLAIN, "plain"
             return self.drafter.propose(text, 1, length, self._law, generator), f"L={length}"

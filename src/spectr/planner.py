@@ -6,7 +6,10 @@ the step costs on this machine. So `auto` keeps two things:
 - a cost profile, measured once per machine, model and draft and cached on disk:
   the target's forward time over n = 1..L + 1 new tokens (the root and a path
   of L draft tokens) on a cached context, and the draft's time to propose a
-  path of L tokens;
+  path of L tokens, on a short context and on a long one (at long contexts
+  reading the cache is what a step costs, and a draft that reads less of it,
+  SparQ's, gains on the target), the cost at a step's context read off the
+  line through the two;
 - a running estimate of the draft's acceptance at each depth j: the chance
   Σ min(p, q) that a draft token is kept there, read at every depth the walk
   reached (an expectation, so far less noisy than counting accepts), as an
@@ -49,26 +52,55 @@ EXPLORE_AT_MOST = 64  # ... an interval that doubles, up to this, while drafting
 @dataclass(frozen=True)
 class CostProfile:
     """Measured seconds: target_seconds[n − 1] a forward over n new tokens; draft_seconds[L − 1] a proposal
-    of a path of L tokens. Enough entries for paths of up to `max_length` tokens."""
+    of a path of L tokens, over a cached context of `context` tokens, and the same over `long_context` tokens
+    (long_*: empty where not measured). Enough entries for paths of up to `max_length` tokens."""
 
     target_seconds: tuple[float, ...]
     draft_seconds: tuple[float, ...]
     description: str = ""  # what was measured: target, draft, machine, threads
+    context: int = 128
+    long_target_seconds: tuple[float, ...] = ()
+    long_draft_seconds: tuple[float, ...] = ()
+    long_context: int = 0
 
     @property
     def max_length(self) -> int:
         return min(len(self.target_seconds) - 1, len(self.draft_seconds))
 
-    def step_seconds(self, length: int) -> float:
-        """A step that drafts `length` tokens (0: a plain step): drafting plus verifying root and path."""
-        return self.target_seconds[length] + (self.draft_seconds[length - 1] if length else 0.0)
+    def step_seconds(self, length: int, context: int | None = None) -> float:
+        """A step that drafts `length` tokens (0: a plain step): drafting plus verifying root and path, over
+        a context of `context` tokens (None: the short one measured). Between and beyond the two contexts
+        measured, on the line through them (attention's cost grows with the context it reads)."""
+        short = self.target_seconds[length] + (self.draft_seconds[length - 1] if length else 0.0)
+        if context is None or not self.long_context or len(self.long_target_seconds) <= length:
+            return short
+        long = self.long_target_seconds[length] + (self.long_draft_seconds[length - 1] if length else 0.0)
+        share = max(0.0, (context - self.context) / (self.long_context - self.context))
+        return max(short + share * (long - short), 0.5 * min(short, long))
+
+
+# The long context a profile is also measured on (or half the model's context, if less): long enough that
+# reading the cache costs a step what it costs at the contexts where it matters (~0.4 of a step here).
+LONG_CONTEXT = 2048
 
 
 def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context: int = 128, repeats: int = 7,
-                    description: str = "") -> CostProfile:
+                    description: str = "", long_context: int | None = LONG_CONTEXT) -> CostProfile:
     """Time the target over 1..max_length + 1 new tokens and the drafter over paths of 1..max_length on a
-    context of `context` tokens, each the fastest of `repeats` (the machine is shared: the minimum is the
-    cost, the rest is noise). The drafter proposes as in decoding: one new text token before each proposal."""
+    context of `context` tokens, and again on `long_context` tokens (capped at half the model's context;
+    None, or no longer than twice `context`: not measured), each the fastest of `repeats` (the machine is
+    shared: the minimum is the cost, the rest is noise). The drafter proposes as in decoding: one new text
+    token before each proposal."""
+    short = _measure_at(target, drafter, max_length, context, repeats)
+    draft_config = getattr(getattr(drafter, "lm", None), "config", None)  # a draft model's own context, if any
+    long = min(long_context or 0, target.config.context_length // 2,
+               getattr(draft_config, "context_length", target.config.context_length) // 2)
+    if long <= 2 * context:
+        return CostProfile(*short, description, context)
+    return CostProfile(*short, description, context, *_measure_at(target, drafter, max_length, long, repeats), long)
+
+
+def _measure_at(target, drafter, max_length: int, context: int, repeats: int) -> tuple[tuple, tuple]:
     vocab = target.config.vocab_size
     text = [(7 * i + 3) % vocab for i in range(context + max_length * (repeats + 1) + 4)]
     no_rows = torch.tensor([], dtype=torch.long)
@@ -116,7 +148,7 @@ def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context:
             draft_seconds.append(best)
     # More tokens never cost less, and a shared machine only ever adds time: where a shorter shape measured
     # above a longer one, the shorter one's reading is the noisy one.
-    return CostProfile(tuple(_rising(target_seconds)), tuple(_rising(draft_seconds)), description)
+    return tuple(_rising(target_seconds)), tuple(_rising(draft_seconds))
 
 
 def _rising(seconds: list[float]) -> list[float]:
@@ -144,9 +176,9 @@ def cached_profile(key: str, measure, refresh: bool = False) -> CostProfile:
     if not refresh and path.exists():
         try:
             stored = json.loads(path.read_text())
-            return CostProfile(tuple(stored["target_seconds"]), tuple(stored["draft_seconds"]),
-                               stored.get("description", ""))
-        except (ValueError, KeyError):
+            return CostProfile(**{key: tuple(value) if isinstance(value, list) else value
+                                  for key, value in stored.items()})
+        except (ValueError, KeyError, TypeError):
             pass  # a damaged file is measured again
     profile = measure()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,12 +211,13 @@ class PathPlanner:
             total += reach
         return total
 
-    def best_length(self) -> int:
-        rates = [self.expected_tokens(n) / self.profile.step_seconds(n) for n in range(self.max_length + 1)]
+    def best_length(self, context: int | None = None) -> int:
+        rates = [self.expected_tokens(n) / self.profile.step_seconds(n, context) for n in range(self.max_length + 1)]
         return max(range(len(rates)), key=lambda n: (rates[n], -n))  # ties: the shorter
 
-    def choose(self) -> int:
-        length = self.best_length()
+    def choose(self, context: int | None = None) -> int:
+        """This step's path length, for a step over `context` tokens of text."""
+        length = self.best_length(context)
         if length:  # drafting pays: look again soon once it stops paying
             self.explore_after = EXPLORE_EVERY
         else:

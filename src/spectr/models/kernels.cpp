@@ -64,7 +64,8 @@ namespace {
 constexpr int64_t BLOCK = 32;
 constexpr int64_t GROUP = 8;          // block scales and sums are padded to whole groups of 8 (one vector)
 constexpr int64_t ROWS_PER_PASS = 8;  // most activation rows that share one decode of a weight block
-constexpr int64_t MOST_HEAD_DIM = 512;  // of the attention kernels' queries (Python checks)
+constexpr int64_t MOST_HEAD_DIM = 512;  // of SparQ's queries (kernels.sparse_supported checks)
+constexpr int64_t MOST_GROUP = 64;      // query heads a key/value head serves, for SparQ (likewise)
 
 // IEEE half -> float (exact: every half is a float). F16C does it in one instruction where present.
 inline float half_to_float(uint16_t h) {
@@ -912,7 +913,7 @@ void sparq_group(const float* const* queries, int64_t heads, const uint8_t* seen
       __builtin_prefetch(vb + chosen[i] * e + c);
     }
   const float scale = 1.f / std::sqrt(static_cast<float>(e));
-  float total[MOST_HEAD_DIM], kept[MOST_HEAD_DIM];
+  float total[MOST_GROUP], kept[MOST_GROUP];
   for (int64_t h = 0; h < heads; ++h) {
     float* s = exact + h * stride;
     float top = -INFINITY;
@@ -993,8 +994,8 @@ void attend_team(const float* q, int64_t query_stride, const float* keys, const 
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t g = 0; g < kv_heads; ++g) {
-          const float* queries[MOST_HEAD_DIM];
-          float* outs[MOST_HEAD_DIM];
+          const float* queries[MOST_GROUP];
+          float* outs[MOST_GROUP];
           for (int64_t i = 0; i < group; ++i) {
             queries[i] = q + (b * tokens + t) * query_stride + (g * group + i) * e;
             outs[i] = out + ((b * tokens + t) * heads + g * group + i) * e;
@@ -1080,6 +1081,10 @@ int spectr_kernels_version() { return 10; }
 // Whether this build's attention reads the keys transposed too (by tiles of 16 slots, [B, G, tiles, E, 16],
 // beside [B, G, capacity, E]).
 int spectr_transposed_keys() { return SPECTR_VNNI; }
+
+// The largest head dim and group (query heads a key/value head) SparQ attention takes.
+int64_t spectr_sparse_most_head_dim() { return MOST_HEAD_DIM; }
+int64_t spectr_sparse_most_group() { return MOST_GROUP; }
 
 const char* spectr_kernel_path() { return SPECTR_VNNI ? "avx512-vnni" : SPECTR_SIMD ? "avx2" : "portable"; }
 

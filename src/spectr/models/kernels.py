@@ -99,6 +99,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.spectr_decoder_layers.restype = None
     lib.spectr_transposed_keys.argtypes = []
     lib.spectr_transposed_keys.restype = ctypes.c_int
+    for name in ("spectr_sparse_most_head_dim", "spectr_sparse_most_group"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = _i64
     return lib
 
 
@@ -152,6 +155,12 @@ def block_linear(packed: Tensor, bits: int, n: int, k: int, x: Tensor, bias: Ten
 def transposed_keys() -> bool:
     """Whether this machine's attention kernel also reads the keys transposed (a cache keeps both then)."""
     return library() is not None and bool(library().spectr_transposed_keys())
+
+
+def sparse_supported(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel's SparQ attention takes this shape (else torch's reference runs it)."""
+    return (library() is not None and head_dim <= library().spectr_sparse_most_head_dim()
+            and heads // kv_heads <= library().spectr_sparse_most_group())
 
 
 def tile_keys(keys: Tensor) -> Tensor:

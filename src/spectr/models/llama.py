@@ -285,7 +285,8 @@ class LlamaForward:
         dense_from = 0 if sparse is None or sparse.dense_from(start) <= sparse.keep else sparse.dense_from(start)
         means = cache.value_means(dense_from) if dense_from else None  # [layers, B, G, E]
         mask = mask.expand(batch, -1, -1)  # [B, T, S]
-        on_kernel = self.kernel_attention and num_new <= FEW_QUERIES
+        on_kernel = self.kernel_attention and num_new <= FEW_QUERIES and (
+            means is None or kernels.sparse_supported(c.num_heads, c.num_kv_heads, c.head_dim))
         # The kernel takes queries as [B, T, H, E]; torch's path as [B, H, T, E].
         cos = self.cos[positions].to(self.dtype)[:, :, None] if on_kernel else self.cos[positions].to(self.dtype)[:, None]
         sin = self.sin[positions].to(self.dtype)[:, :, None] if on_kernel else self.sin[positions].to(self.dtype)[:, None]
