@@ -104,7 +104,8 @@ def _measure_at(target, drafter, max_length: int, context: int, repeats: int) ->
     vocab = target.config.vocab_size
     text = [(7 * i + 3) % vocab for i in range(context + max_length * (repeats + 1) + 4)]
     no_rows = torch.tensor([], dtype=torch.long)
-    cache = target.new_cache(context + max_length + 2)
+    # Room for the target's shapes and, after them, a self-draft's proposals (it drafts in this same cache).
+    cache = target.new_cache(len(text) + repeats * max_length + max_length + 2)
     target.forward(torch.tensor([text[:context]]), torch.arange(context), cache, logit_indices=no_rows)
     target_seconds = []
     for new in range(1, max_length + 2):
@@ -125,8 +126,7 @@ def _measure_at(target, drafter, max_length: int, context: int, repeats: int) ->
         drafter.reset(len(text) + max_length + 2)
         shared = None  # a self-draft drafts in the target's cache, which holds the text but the root
         if getattr(drafter, "shares_target_cache", False):
-            shared = target.new_cache(len(text) + repeats * max_length + max_length + 2)
-            target.forward(torch.tensor([text[:context]]), torch.arange(context), shared, logit_indices=no_rows)
+            shared = cache  # holds text[:context] again: each timing above truncated it back
             drafter.attach_cache(shared)
         if feed:
             drafter.observe(_zero_features(drafter, context))
