@@ -15,6 +15,7 @@ from spectr.processing import SamplingParams
 from tests.decoder_law import check_decoder_law
 from tests.models.test_invariance import other_library  # noqa: F401 (a fixture: the other kernel paths)
 from tests.models.tiny import tiny_model
+from tests.test_self_draft import SHAPES  # the decoding shapes every self-draft is tested under
 from tests.stats import P_VALUE_THRESHOLD
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="spectr's kernels are not built here")
@@ -140,9 +141,6 @@ def test_self_draft_specs_are_parsed_and_bad_ones_named():
 
 # Small enough to engage on a tiny model's short texts: past 16 + 8 slots the older ones are sparse.
 TINY_SPARQ = SparQ(rank=4, keep=8, window=16)
-SHAPES = {"standard": DecodeSettings(method="sd", k=1, length=3),
-          "kseq": DecodeSettings(method="spectr", rule="kseq", k=2, length=2),
-          "dynamic": DecodeSettings(method="spectr", k=2, length=3, tree="dynamic", budget=5)}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
