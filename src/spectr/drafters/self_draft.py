@@ -72,7 +72,7 @@ def parse_sparq(spec: str) -> SparQ:
             raise ValueError
         rank, keep = (int(part) for part in spec[len(prefix):].split(","))
     except ValueError:
-        raise InvalidInputError(f"a SparQ self-draft is '{SPARQ}' or '{SPARQ}:<rank>,<keep>' (e.g. "
+        raise InvalidInputError(f"SparQ is named '{SPARQ}' or '{SPARQ}:<rank>,<keep>' (e.g. "
                                 f"'{SPARQ}:16,128': 16 query components, 128 older slots kept), got '{spec}'") from None
     return SparQ(rank=rank, keep=keep)
 
@@ -108,8 +108,8 @@ def parse_self_draft(spec: str, num_layers: int) -> SelfDraft:
 
 
 def is_self_draft(spec) -> bool:
-    return isinstance(spec, str) and any(
-        part in (SELF_SKIP, SPARQ) or part.startswith((SELF_SKIP + ":", SPARQ + ":")) for part in spec.split("+")[:1])
+    first = spec.split("+")[0] if isinstance(spec, str) else None
+    return first in (SELF_SKIP, SPARQ) or isinstance(first, str) and first.startswith((SELF_SKIP + ":", SPARQ + ":"))
 
 
 def _ranges(layers: tuple[int, ...]) -> str:
