@@ -7,7 +7,7 @@ import torch
 
 import spectr
 from spectr.decoding import Decoder, DecodeSettings
-from spectr.drafters import EagleDrafter
+from spectr.drafters import EagleDrafter, ModelDrafter
 from spectr.errors import UnsupportedModelError
 from spectr.drafters.trained import load_trained_draft, target_identity
 from spectr.models import native_forward
@@ -265,3 +265,22 @@ def test_seeded_sampling_with_the_head_repeats(agreeing):
     first, _ = _run(target, EagleDrafter(head), settings, params, tokens=30, seed=4)
     assert _run(target, EagleDrafter(head), settings, params, tokens=30, seed=4)[0] == first
     assert _run(target, EagleDrafter(head), settings, params, tokens=30, seed=5)[0] != first
+
+
+def test_the_drafts_take_the_prompt_in_while_the_decoder_processes_it(hf_target, head_folder):
+    """The prompt's pass through a draft belongs to prompt processing (Decoder.prefill_seconds): by the first
+    proposal the head (and a draft model) has every prompt entry but the root's, and runs the root alone."""
+    target = native_forward(hf_target, "fp32")
+    head = EagleDrafter(load_trained_draft(head_folder[0], hf_target, precision="fp32"))
+    model = ModelDrafter(native_forward(tiny_model("llama-gqa", seed=1), "fp32"))
+    prompt = [3 + i % 80 for i in range(40)]
+    for drafter in (head, model):
+        seen = []
+        forward = drafter.lm.forward
+        drafter.lm.forward = lambda tokens, *args, **kwargs: seen.append(tokens.shape[1]) or forward(tokens, *args, **kwargs)
+        decoder = Decoder(target, drafter, DecodeSettings(method="sd", length=2), SamplingParams(temperature=1.0))
+        stream = decoder.stream(prompt, 4, torch.Generator().manual_seed(0))
+        next(stream)
+        # prefill: the prompt but its last two tokens' entries (head) or its last token (model); then the root
+        assert seen[:2] == ([len(prompt) - 2, 1] if drafter is head else [len(prompt) - 1, 1]), seen
+        assert decoder.prefill_seconds > 0

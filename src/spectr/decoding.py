@@ -252,7 +252,9 @@ class Decoder:
             )
             if self._feed:
                 self.drafter.observe(self._features(out))
-        self.prefill_seconds = time.perf_counter() - started  # the prompt's pass (what llama.cpp calls prompt eval)
+            if hasattr(self.drafter, "prefill"):  # the draft's own pass over the prompt belongs here too
+                self.drafter.prefill(text)
+        self.prefill_seconds = time.perf_counter() - started  # the prompt's passes (llama.cpp's prompt eval)
         produced = 0
         while produced < max_new_tokens:
             stats = self._step(text, cache, generator)

@@ -11,7 +11,9 @@ from spectr.tree import DraftTree
 class Drafter(Protocol):
     """A drafter may also set `uses_target_features = True` and define `observe(features)`: the decoder
     then hands it the target's features of every token the target has run — final-norm hidden states,
-    or, where the drafter names `feature_layers`, those layers' outputs (`target_features`)."""
+    or, where the drafter names `feature_layers`, those layers' outputs (`target_features`). And it may
+    define `prefill(text)`: take in the prompt but its last token (the first root) while the decoder
+    processes the prompt, so that the first proposal does not carry the prompt's cost into decoding."""
 
     name: str
 

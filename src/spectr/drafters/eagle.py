@@ -50,6 +50,20 @@ class EagleDrafter:
         self.features[self.known : self.known + features.shape[0]] = features.to(self.features.dtype)
         self.known += features.shape[0]
 
+    def prefill(self, text: list[int]) -> None:
+        """The head's entries of the prompt up to its last token's (the first root's, run by propose); the
+        prompt's features observed first."""
+        last = len(text) - 2  # the last entry before the root's
+        if last <= self.entries:
+            return
+        if self.known < last:
+            raise RuntimeError(f"the head has the target's features of {self.known} tokens; it needs {last}")
+        first = self.entries + 1
+        self.lm.forward(torch.tensor(text[first : last + 1])[None], torch.arange(first, last + 1), self.cache,
+                        logit_indices=torch.tensor([], dtype=torch.long),
+                        features=self.features[self.entries : last][None])
+        self.entries = last
+
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
         tree: str = "iid", budget: int | None = None,

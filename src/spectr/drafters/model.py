@@ -31,6 +31,13 @@ class ModelDrafter:
         self.cache = self.lm.new_cache(capacity)
         self.cached = 0
 
+    def prefill(self, text: list[int]) -> None:
+        """The draft's cache takes in the prompt but its last token (the first root, run by propose)."""
+        if len(text) - 1 > self.cached:
+            self.lm.forward(torch.tensor([text[self.cached : -1]]), torch.arange(self.cached, len(text) - 1),
+                            self.cache, logit_indices=torch.tensor([], dtype=torch.long))
+            self.cached = len(text) - 1
+
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
         tree: str = "iid", budget: int | None = None,

@@ -163,6 +163,9 @@ class SelfDrafter(ModelDrafter):
     def attach_cache(self, cache) -> None:
         self.cache = cache
 
+    def prefill(self, text: list[int]) -> None:
+        """Nothing to take in: the target's cache, which this draft reads, holds the prompt already."""
+
     def propose(
         self, text: list[int], k: int, length: int, params: SamplingParams, generator: torch.Generator,
         tree: str = "iid", budget: int | None = None,
