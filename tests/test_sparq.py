@@ -196,3 +196,6 @@ def test_the_approximate_mode_is_opt_in_and_labelled(tmp_path):
     assert len(rough.tokens) == 6
     with pytest.raises(InvalidInputError, match="sparq:<rank>,<keep>"):
         spectr.load(folder, draft="ngram", precision="fp32", approximate="sparq:2")
+    fallback = save_tiny_model(tmp_path / "neox", kind="gpt_neox")  # runs through transformers' forward
+    with pytest.raises(InvalidInputError, match="needs spectr's own forward"):
+        spectr.load(fallback, draft="ngram", precision="fp32", approximate="sparq")

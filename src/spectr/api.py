@@ -26,7 +26,7 @@ from spectr.drafters import EagleDrafter, ModelDrafter, NgramDrafter
 from spectr.drafters.self_draft import SelfDraft, SelfDrafter, is_self_draft, parse_self_draft, parse_sparq
 from spectr.errors import InvalidInputError, SpectrError, UnsupportedModelError
 from spectr.models import LlamaForward, LoadedModel, check_same_tokenizer, load_model
-from spectr.models.approximate import SparQForward
+from spectr.models.approximate import SparQForward, check_sparse
 from spectr.models.attention import SparQ
 from spectr.models.loading import ModelSource, stop_token_ids
 from spectr.precisions import DEFAULT_DRAFT_PRECISION, DEFAULT_PRECISION
@@ -70,8 +70,7 @@ class Engine:
         """Another engine over this one's loaded target: with another draft (as `load` names them), or in an
         approximate mode (as `load`'s approximate)."""
         if approximate is not None:
-            SparQForward(self.target.lm, parse_sparq(approximate))  # checks the target runs on spectr's forward
-            return Engine(target=self.target, draft=None, approximate=parse_sparq(approximate))
+            return Engine(target=self.target, draft=None, approximate=_approximation(self.target.lm, approximate))
         if is_self_draft(draft):
             return Engine(target=self.target, draft=None,
                           self_draft=parse_self_draft(str(draft), self.target.lm.config.num_layers))
@@ -125,14 +124,20 @@ def load(
     approximate: 'sparq' or 'sparq:<rank>,<keep>': an APPROXIMATE mode, the target's decoding passes with SparQ
     attention (faster at long contexts; not the target's exact law; models/approximate.py).
     """
-    sparse = None if approximate is None else parse_sparq(approximate)
-    if sparse is not None and compile:
-        raise UnsupportedModelError("the approximate mode changes spectr's own forward; --compile replaces it")
+    if approximate is not None:
+        parse_sparq(approximate)  # a bad spec is named before anything loads
+        if compile:
+            raise UnsupportedModelError("the approximate mode changes spectr's own forward; --compile replaces it")
     engine = _load(target, draft, precision, draft_precision, compile)
-    if sparse is not None:
-        SparQForward(engine.target.lm, sparse)  # checks that the target runs on spectr's own forward
-        engine.approximate = sparse
+    if approximate is not None:
+        engine.approximate = _approximation(engine.target.lm, approximate)
     return engine
+
+
+def _approximation(lm, spec: str) -> SparQ:
+    """The SparQ an approximate-mode spec names, for a target forward that can run it."""
+    check_sparse(lm)
+    return parse_sparq(spec)
 
 
 def _load(target, draft, precision, draft_precision, compile) -> Engine:

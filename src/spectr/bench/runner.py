@@ -265,7 +265,7 @@ def run_bench(engine, config: BenchConfig, cache_dir: Path, methods: list[Method
     missing = [label for label in config.compared_drafts + tuple(approximate_label(a) for a in config.approximate)
                if label not in engines]
     if missing:
-        raise ValueError(f"no engine given for the compared drafts {missing}")
+        raise ValueError(f"no engine given for the compared drafts or approximate modes {missing}")
     methods = methods if methods is not None else spectr_methods(config) + (peer_methods(config) if config.peers else [])
     peers = Peers(engine, cache_dir)
     skipped = []

@@ -84,12 +84,16 @@ class SelfDraft:
     skip: tuple[int, ...] = ()
     sparse: SparQ | None = None
 
-    def describe(self, num_layers: int) -> str:
+    def summary(self, num_layers: int) -> str:
+        """What is left out, in words (a drafter's name)."""
         parts = [f"layers {_ranges(self.skip)} of {num_layers} skipped"] if self.skip else []
         if self.sparse is not None:
             parts.append(f"SparQ attention (rank {self.sparse.rank}, {self.sparse.keep} older slots kept, "
                          f"the last {self.sparse.window} exact)")
-        return "the target itself, " + ", ".join(parts)
+        return ", ".join(parts)
+
+    def describe(self, num_layers: int) -> str:
+        return "the target itself, " + self.summary(num_layers)
 
 
 def parse_self_draft(spec: str, num_layers: int) -> SelfDraft:
@@ -144,13 +148,13 @@ class SelfDrafter(ModelDrafter):
     shares_target_cache = True  # the decoder hands it the target's cache: attach_cache
 
     def __init__(self, lm, skip: Iterable[int] = (), sparse: SparQ | None = None):
-        if not getattr(lm, "supports_skip", False):
+        if not getattr(lm, "supports_skip", False) or (sparse is not None and not getattr(lm, "supports_sparse", False)):
             raise InvalidInputError(f"a self-draft needs spectr's own forward for the target, not "
                                     f"{getattr(lm, 'backend', type(lm).__name__)}")
         super().__init__(_Cheaper(lm, skip, sparse))
         self.skip = tuple(sorted(set(skip)))
         self.sparse = sparse
-        self.name = SelfDraft(self.skip, sparse).describe(lm.config.num_layers).removeprefix("the target itself, ")
+        self.name = SelfDraft(self.skip, sparse).summary(lm.config.num_layers)
 
     @property
     def target(self):

@@ -6,10 +6,18 @@ labelled approximate wherever it appears (the engine's description, the stats li
 A SparQ *draft* (drafters/self_draft.py) is the exact way to use the same attention.
 """
 
+from spectr.errors import InvalidInputError
 from spectr.models.attention import SparQ
 
 # Passes of more new tokens than this (a prompt's) attend exactly: SparQ approximates decoding steps.
 DECODING_TOKENS = 64
+
+
+def check_sparse(lm) -> None:
+    """Refuse a forward that cannot attend by SparQ (transformers' reference, torch.compile's)."""
+    if not getattr(lm, "supports_sparse", False):
+        raise InvalidInputError(f"SparQ attention needs spectr's own forward, not "
+                                f"{getattr(lm, 'backend', type(lm).__name__)}")
 
 
 class SparQForward:
@@ -18,11 +26,7 @@ class SparQForward:
     approximate = True
 
     def __init__(self, lm, sparse: SparQ):
-        if not getattr(lm, "supports_skip", False):
-            from spectr.errors import InvalidInputError
-
-            raise InvalidInputError(f"SparQ attention needs spectr's own forward, not "
-                                    f"{getattr(lm, 'backend', type(lm).__name__)}")
+        check_sparse(lm)
         self.lm, self.sparse = lm, sparse
 
     def __getattr__(self, name):

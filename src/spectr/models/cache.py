@@ -64,8 +64,7 @@ class KVCache:
         return (self.value_sums / max(upto, 1)).float()
 
     def _sum_to(self, upto: int) -> None:
-        if self.value_sums is None or upto == self.summed:
-            self.summed = min(self.summed, upto)
+        if self.value_sums is None or upto == self.summed:  # nothing summed yet, or nothing to move
             return
         if upto == 0:
             self.value_sums.zero_()
@@ -97,17 +96,15 @@ class KVCache:
                 raise InvalidInputError(f"commit() slots must lie in [{prefix}, {self.length}), got {slots}")
             if any(b <= a for a, b in zip(slots, slots[1:])):
                 raise InvalidInputError(f"commit() slots must be strictly increasing, got {slots}")
-            moved = next((i for i, slot in enumerate(slots) if slot != prefix + i), len(slots))
-            if moved < len(slots) and self.summed > prefix + moved:
-                self._sum_to(prefix + moved)  # the sums must not cover a slot about to change
-            if moved < len(slots):
-                source = torch.tensor(slots[moved:])
-                target = slice(prefix + moved, prefix + len(slots))
-                self.keys[:, :, :, target] = self.keys[:, :, :, source]
-                if self.keys_t is not None:
-                    into = torch.arange(target.start, target.stop)
-                    self.keys_t[:, :, :, into // 16, :, into % 16] = self.keys_t[:, :, :, source // 16, :, source % 16]
-                self.values[:, :, :, target] = self.values[:, :, :, source]
+        moved = next((i for i, slot in enumerate(slots) if slot != prefix + i), len(slots))  # kept in place
+        if self.summed > prefix + moved:  # the value sums must cover no slot that changes or goes
+            self._sum_to(prefix + moved)
+        if moved < len(slots):
+            source = torch.tensor(slots[moved:])
+            target = slice(prefix + moved, prefix + len(slots))
+            self.keys[:, :, :, target] = self.keys[:, :, :, source]
+            if self.keys_t is not None:
+                into = torch.arange(target.start, target.stop)
+                self.keys_t[:, :, :, into // 16, :, into % 16] = self.keys_t[:, :, :, source // 16, :, source % 16]
+            self.values[:, :, :, target] = self.values[:, :, :, source]
         self.length = prefix + len(slots)
-        if self.summed > self.length:
-            self._sum_to(self.length)

@@ -103,6 +103,7 @@ class LlamaForward:
 
     backend = "spectr"
     supports_skip = True  # forward(skip=...) leaves layers out (self-speculative drafts)
+    supports_sparse = True  # forward(sparse=...) attends by SparQ (self-drafts, the approximate mode)
     captures_layers = True  # forward(capture=...) returns chosen layers' outputs
 
     def __init__(
@@ -164,6 +165,9 @@ class LlamaForward:
         self.qkv_sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
         # Few new tokens attend through spectr's row-invariant kernel where it is built (float32 caches).
         self.kernel_attention = kernels.available() and self.dtype == torch.float32 and c.head_dim % 8 == 0
+        # SparQ on the kernel too where its shape fits (else torch's reference runs it).
+        self.sparse_on_kernel = self.kernel_attention and kernels.sparse_supported(c.num_heads, c.num_kv_heads,
+                                                                                   c.head_dim)
         # Where every linear runs on spectr's block kernel, the layers run in one kernel call (DecoderStack).
         self.fused = self.kernel_attention and all(kernels.DecoderLayer.supports(c.hidden_size, c.head_dim, (
             layer.qkv, layer.output, layer.gate_up, layer.down)) for layer in self.layers)
@@ -281,12 +285,12 @@ class LlamaForward:
         captured = {}
         start = cache.reserve(num_new)
         c = self.config
-        # SparQ where more older slots than it keeps: below that it would attend to all of them anyway.
-        dense_from = 0 if sparse is None or sparse.dense_from(start) <= sparse.keep else sparse.dense_from(start)
+        dense_from = 0 if sparse is None else sparse.dense_from(start)
+        if sparse is not None and dense_from <= sparse.keep:
+            dense_from = 0  # no more older slots than SparQ keeps: plain attention is the same
         means = cache.value_means(dense_from) if dense_from else None  # [layers, B, G, E]
         mask = mask.expand(batch, -1, -1)  # [B, T, S]
-        on_kernel = self.kernel_attention and num_new <= FEW_QUERIES and (
-            means is None or kernels.sparse_supported(c.num_heads, c.num_kv_heads, c.head_dim))
+        on_kernel = self.kernel_attention and num_new <= FEW_QUERIES and (means is None or self.sparse_on_kernel)
         # The kernel takes queries as [B, T, H, E]; torch's path as [B, H, T, E].
         cos = self.cos[positions].to(self.dtype)[:, :, None] if on_kernel else self.cos[positions].to(self.dtype)[:, None]
         sin = self.sin[positions].to(self.dtype)[:, :, None] if on_kernel else self.sin[positions].to(self.dtype)[:, None]
