@@ -154,16 +154,14 @@ def test_commit_leaves_both_caches_as_fresh_forwards(target, close_draft):
     params = SamplingParams(temperature=1.0)
     draft = close_draft
     decoder = Decoder(target, ModelDrafter(draft), DecodeSettings(k=3, length=3), params)
-    text = list(PROMPT)
-    cache = target.new_cache(64)
-    decoder.drafter.reset(64)
-    target.forward(torch.tensor(text[:-1])[None], torch.arange(len(text) - 1), cache)
-    generator = torch.Generator().manual_seed(3)
+    generation = decoder.start(list(PROMPT), 40, torch.Generator().manual_seed(3))
+    text, cache = generation.text, generation.cache
     accepted = []
     for _ in range(6):
-        stats = decoder._step(text, cache, generator)
+        target_pass = generation.prepare()
+        out = target.forward(target_pass.tokens[None], target_pass.positions, cache, target_pass.attention_mask)
+        stats = generation.complete(out, 0.0)
         accepted.append(stats.accepted)
-        text.extend(stats.emitted)
         assert cache.length == len(text) - 1
         probe = torch.tensor([[text[-1]]])
         after = target.forward(probe, torch.tensor([len(text) - 1]), cache).logits
@@ -233,8 +231,8 @@ def test_tree_mask_and_positions_literal():
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_the_head_runs_only_on_rows_the_walk_reads_and_samples_the_same(hf_target, close_draft, precision, monkeypatch):
-    """Verification computes p lazily (root, then the accepted path): the rows read are those of the
-    accepted path, and on spectr's row-invariant kernels (int4) the tokens equal the all-rows computation's."""
+    """Verification computes p lazily (the root's with the pass, then the accepted path's): the rows read are
+    those of the accepted path, and on spectr's row-invariant kernels (int4) the tokens equal the all-rows computation's."""
     target = native_forward(hf_target, precision)
     settings, params = DecodeSettings(k=3, length=3), SamplingParams(temperature=1.0)
     rows_read = []
@@ -249,13 +247,14 @@ def test_the_head_runs_only_on_rows_the_walk_reads_and_samples_the_same(hf_targe
     steps, read = [], 0
     for step in decoder.stream(PROMPT, 24, torch.Generator().manual_seed(3)):
         if len(step.emitted) == step.accepted + 1:  # (the last step may be cut at max_new_tokens)
-            # One row per emitted token: the root's, then each accepted node's, never the whole tree.
-            assert len(rows_read) - read == step.accepted + 1
+            # One row per emitted token: the root's (with the target's pass), then each accepted node's
+            # (asked of the head by the walk), never the whole tree.
+            assert len(rows_read) - read == step.accepted
         read = len(rows_read)
         steps.append(step)
     assert all(n == 1 for n in rows_read)
     assert any(step.accepted for step in steps)
-    assert sum(step.tree_nodes + 1 for step in steps) > 2 * len(rows_read)
+    assert sum(step.tree_nodes + 1 for step in steps) > 2 * (len(rows_read) + len(steps))
     lazy = [token for step in steps for token in step.emitted]
     eager_decoder = Decoder(target, ModelDrafter(close_draft), settings, params)
     eager_decoder._head = None  # all rows inside forward, as for transformers' forward

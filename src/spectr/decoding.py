@@ -151,11 +151,14 @@ class RowProbs:
     49k the head is the largest matmul of a step). A row's logits are the same bits either way.
     `seconds` is the time spent computing rows."""
 
-    def __init__(self, head, hidden: torch.Tensor, params: SamplingParams, tree: DraftTree):
+    def __init__(self, head, hidden: torch.Tensor, params: SamplingParams, tree: DraftTree,
+                 root_logits: torch.Tensor | None = None):
+        """root_logits [1, V]: the root's row, where the target's pass computed it."""
         self.head, self.hidden, self.params = head, hidden, params  # hidden [n + 1, D]
         self.tree = tree  # its paths, for penalties (a node's law counts the tokens on its path)
         self.rows: dict[int, torch.Tensor] = {}
         self.seconds = 0.0
+        self._root_logits = root_logits
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         """p at rows [row : row + 1] -> [1, V] (the walk reads one row at a time)."""
@@ -165,7 +168,9 @@ class RowProbs:
         if row not in self.rows:
             start = time.perf_counter()
             paths = tree_paths(self.tree, [row]) if self.params.reads_history else None
-            self.rows[row] = logits_to_probs(self.head(self.hidden[row : row + 1]), self.params, paths)
+            logits = (self._root_logits if row == 0 and self._root_logits is not None
+                      else self.head(self.hidden[row : row + 1]))
+            self.rows[row] = logits_to_probs(logits, self.params, paths)
             self.seconds += time.perf_counter() - start
         return self.rows[row]
 
@@ -223,6 +228,12 @@ class Decoder:
     def _features(self, out) -> torch.Tensor:
         return out.layers[0] if self._capture else out.hidden[0]
 
+    def start(self, prompt: list[int], max_new_tokens: int, generator: torch.Generator,
+              stop_token_ids: frozenset[int] = frozenset()) -> "Generation":
+        """A generation of this decoder's: its caches made, its prompt not yet run (Generation.prefill).
+        One generation of a decoder at a time (it owns the drafter)."""
+        return Generation(self, prompt, max_new_tokens, generator, stop_token_ids)
+
     def stream(
         self,
         prompt: list[int],
@@ -231,89 +242,15 @@ class Decoder:
         stop_token_ids: frozenset[int] = frozenset(),
     ) -> Iterator[StepStats]:
         """Yield each step's stats (its emitted tokens included) until max_new_tokens or a stop token."""
-        if not prompt:
-            raise InvalidInputError("the prompt is empty: give at least one token")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        needed = require_room(self.target.config.context_length, len(prompt), max_new_tokens, self.settings)
-        cache = self.target.new_cache(needed)
-        if self.drafter is not None:
-            self.drafter.reset(needed + self.settings.draft_nodes - self.settings.tree_size)
-            if getattr(self.drafter, "shares_target_cache", False):  # a self-draft drafts in the target's cache
-                self.drafter.attach_cache(cache)
-        text = list(prompt)
-        history = TokenHistory(self.target.config.vocab_size, text) if self.params.reads_history else None
-        self._law = self.params if history is None else replace(self.params, history=history)
-        started = time.perf_counter()
-        if len(text) > 1:  # the last prompt token is the first root
-            out = self.target.forward(
-                torch.tensor(text[:-1])[None], torch.arange(len(text) - 1), cache,
-                logit_indices=torch.tensor([], dtype=torch.long), **self._capture_kwargs,
-            )
-            if self._feed:
-                self.drafter.observe(self._features(out))
-            if hasattr(self.drafter, "prefill"):  # the draft's own pass over the prompt belongs here too
-                self.drafter.prefill(text)
-        self.prefill_seconds = time.perf_counter() - started  # the prompt's passes (llama.cpp's prompt eval)
-        produced = 0
-        while produced < max_new_tokens:
-            stats = self._step(text, cache, generator)
-            ends = [position + 1 for position, token in enumerate(stats.emitted) if token in stop_token_ids]
-            stats.truncate(min(ends + [max_new_tokens - produced]))
-            text.extend(stats.emitted)
-            if history is not None:
-                history.extend(stats.emitted)
-            produced += len(stats.emitted)
-            yield stats
-            if stats.emitted[-1] in stop_token_ids:
-                return
-
-    def _step(self, text: list[int], cache, generator: torch.Generator) -> StepStats:
-        cached = len(text) - 1
-        if self.settings.method == "ar":
-            start = time.perf_counter()
-            logits = self.target.forward(torch.tensor([[text[-1]]]), torch.tensor([cached]), cache).logits[0]
-            verified = time.perf_counter()
-            probs = logits_to_probs(logits, self._law)
-            token = int(sample_categorical(probs, generator)[0, 0])
-            return StepStats(
-                emitted=[token], accepted=0, verify_seconds=verified - start,
-                select_seconds=time.perf_counter() - verified,
-                logprobs=None if self.logprobs is None else [token_logprob(probs[0], token, self.logprobs)],
-            )
-        start = time.perf_counter()
-        tree, shape = self._propose(text, generator)
-        drafted = time.perf_counter()
-        tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])[None]
-        positions, mask = tree_positions(tree.parents, cached), tree_attention_mask(tree.parents, cached)
-        lazy = None  # the head's rows computed during the walk (verification work, timed as such)
-        if self._head is None:
-            out = self.target.forward(tokens, positions, cache, mask)
-            paths = tree_paths(tree, list(range(tree.num_nodes + 1))) if self._law.reads_history else None
-            target_probs = logits_to_probs(out.logits[0], self._law, paths)  # [n + 1, V]
-        else:
-            out = self.target.forward(tokens, positions, cache, mask, logit_indices=_NO_ROWS,
-                                      **self._capture_kwargs)
-            target_probs = lazy = RowProbs(self._head, out.hidden[0], self._law, tree)
-        verified = time.perf_counter()
-        emitted, path, levels = walk(tree, target_probs, self.rule, generator)
-        logprobs = None
-        if self.logprobs is not None:  # each emitted token's law: the root's row, then its accepted parent's
-            logprobs = [token_logprob(target_probs[row : row + 1][0], token, self.logprobs)
-                        for row, token in zip([0] + [1 + node for node in path], emitted)]
-        head_seconds = 0.0 if lazy is None else lazy.seconds
-        cache.commit(cached + 1, [cached + 1 + node for node in path])
-        if tree is not _PLAIN:
-            self.drafter.commit(path)
-        if self._feed:
-            self.drafter.observe(self._features(out)[[0] + [1 + node for node in path]])
-        if self.planner is not None and tree.num_nodes:
-            self.planner.observe(_path_acceptance(tree, target_probs))
-        return StepStats(
-            emitted=emitted, accepted=len(path), candidates_per_level=levels, tree_nodes=tree.num_nodes,
-            draft_seconds=drafted - start, verify_seconds=verified - drafted + head_seconds,
-            select_seconds=time.perf_counter() - verified - head_seconds, shape=shape, logprobs=logprobs,
-        )
+        generation = self.start(prompt, max_new_tokens, generator, stop_token_ids)
+        for _ in generation.prefill():
+            pass
+        while not generation.finished:
+            target_pass = generation.prepare()
+            started = time.perf_counter()
+            out = self.target.forward(target_pass.tokens[None], target_pass.positions, generation.cache,
+                                      **target_pass.options(self._capture_kwargs))
+            yield generation.complete(out, time.perf_counter() - started)
 
     def _propose(self, text: list[int], generator: torch.Generator):
         """This step's draft tree and its shape's name."""
@@ -331,6 +268,152 @@ class Decoder:
                                     budget=settings.node_budget)
         nodes = f" n={settings.node_budget}" if settings.node_budget else ""
         return tree, f"{settings.tree} k={k} L={length}{nodes}"
+
+
+@dataclass
+class TargetPass:
+    """What a step asks of the target: tokens [T] at positions [T] over the generation's cache, the mask
+    [T, cache.length + T] (None: causal) and the rows that need logits (None: all)."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    attention_mask: torch.Tensor | None
+    logit_indices: torch.Tensor | None
+
+    def options(self, capture_kwargs: dict) -> dict:
+        """forward()'s keyword arguments for this pass (those left at their defaults left out: every target
+        forward takes that)."""
+        options = dict(capture_kwargs)
+        if self.attention_mask is not None:
+            options["attention_mask"] = self.attention_mask
+        if self.logit_indices is not None:
+            options["logit_indices"] = self.logit_indices
+        return options
+
+
+_ROOT = torch.tensor([0])  # the root's row: the walk always reads it, so its logits come with the pass
+
+
+class Generation:
+    """One generation's state between steps, a step in two halves around the target's pass: `prepare`
+    drafts and says what the target must run (TargetPass), `complete` takes the pass's output, walks the
+    tree, commits and returns the step's stats. Decoder.stream runs the pass itself; a scheduler may run
+    many generations' passes in one batched forward (the outputs are the same bits, so is the law)."""
+
+    def __init__(self, decoder: Decoder, prompt: list[int], max_new_tokens: int, generator: torch.Generator,
+                 stop_token_ids: frozenset[int]):
+        if not prompt:
+            raise InvalidInputError("the prompt is empty: give at least one token")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        self.decoder, self.generator, self.stop_token_ids = decoder, generator, stop_token_ids
+        self.max_new_tokens = max_new_tokens
+        settings, drafter = decoder.settings, decoder.drafter
+        needed = require_room(decoder.target.config.context_length, len(prompt), max_new_tokens, settings)
+        self.cache = decoder.target.new_cache(needed)
+        if drafter is not None:
+            drafter.reset(needed + settings.draft_nodes - settings.tree_size)
+            if getattr(drafter, "shares_target_cache", False):  # a self-draft drafts in the target's cache
+                drafter.attach_cache(self.cache)
+        self.text = list(prompt)
+        self.history = TokenHistory(decoder.target.config.vocab_size, self.text) if decoder.params.reads_history else None
+        decoder._law = decoder.params if self.history is None else replace(decoder.params, history=self.history)
+        self.produced = 0
+        self.finished = False
+        self.prefilled = False
+        self._pending = None  # (tree, shape, draft seconds) between prepare and complete
+
+    def prefill(self) -> Iterator[int]:
+        """Run the prompt (all but its last token, the first root) through the target, a chunk of up to
+        PREFILL_CHUNK tokens a step of this iterator (a scheduler runs others' steps between them), then the
+        draft's own pass; yields the tokens done so far. decoder.prefill_seconds: their time."""
+        decoder, text = self.decoder, self.text
+        decoder.prefill_seconds = 0.0
+        from spectr.models.llama import PREFILL_CHUNK
+
+        for begin in range(0, len(text) - 1, PREFILL_CHUNK):
+            started = time.perf_counter()
+            end = min(begin + PREFILL_CHUNK, len(text) - 1)
+            out = decoder.target.forward(torch.tensor(text[begin:end])[None], torch.arange(begin, end), self.cache,
+                                         logit_indices=_NO_ROWS, **decoder._capture_kwargs)
+            if decoder._feed:
+                decoder.drafter.observe(decoder._features(out))
+            if end == len(text) - 1 and hasattr(decoder.drafter, "prefill"):  # the draft's own pass belongs here too
+                decoder.drafter.prefill(text)
+            decoder.prefill_seconds += time.perf_counter() - started
+            yield end
+        self.prefilled = True
+
+    def prepare(self) -> TargetPass:
+        """Draft this step's tree; what the target must run over it."""
+        decoder, text = self.decoder, self.text
+        if not self.prefilled:
+            for _ in self.prefill():
+                pass
+        cached = len(text) - 1
+        if decoder.settings.method == "ar":
+            self._pending = (None, "plain", 0.0)
+            return TargetPass(torch.tensor([text[-1]]), torch.tensor([cached]), None, None)
+        started = time.perf_counter()
+        tree, shape = decoder._propose(text, self.generator)
+        self._pending = (tree, shape, time.perf_counter() - started)
+        tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])
+        positions, mask = tree_positions(tree.parents, cached), tree_attention_mask(tree.parents, cached)
+        return TargetPass(tokens, positions, mask, None if decoder._head is None else _ROOT)
+
+    def complete(self, out, verify_seconds: float) -> StepStats:
+        """The step's end from the target's output over the TargetPass: selection, commits, stats (its emitted
+        tokens cut at a stop token or max_new_tokens, after which `finished`)."""
+        decoder, text, cache, generator = self.decoder, self.text, self.cache, self.generator
+        tree, shape, draft_seconds = self._pending
+        self._pending = None
+        cached = len(text) - 1
+        law = decoder._law
+        if tree is None:  # a plain step
+            selecting = time.perf_counter()
+            probs = logits_to_probs(out.logits[0], law)
+            token = int(sample_categorical(probs, generator)[0, 0])
+            stats = StepStats(
+                emitted=[token], accepted=0, verify_seconds=verify_seconds,
+                select_seconds=time.perf_counter() - selecting,
+                logprobs=None if decoder.logprobs is None else [token_logprob(probs[0], token, decoder.logprobs)])
+            return self._account(stats)
+        selecting = time.perf_counter()
+        lazy = None  # the head's rows computed during the walk (verification work, timed as such)
+        if decoder._head is None:
+            paths = tree_paths(tree, list(range(tree.num_nodes + 1))) if law.reads_history else None
+            target_probs = logits_to_probs(out.logits[0], law, paths)  # [n + 1, V]
+        else:
+            target_probs = lazy = RowProbs(decoder._head, out.hidden[0], law, tree, root_logits=out.logits[0, :1])
+        emitted, path, levels = walk(tree, target_probs, decoder.rule, generator)
+        logprobs = None
+        if decoder.logprobs is not None:  # each emitted token's law: the root's row, then its accepted parent's
+            logprobs = [token_logprob(target_probs[row : row + 1][0], token, decoder.logprobs)
+                        for row, token in zip([0] + [1 + node for node in path], emitted)]
+        head_seconds = 0.0 if lazy is None else lazy.seconds
+        cache.commit(cached + 1, [cached + 1 + node for node in path])
+        if tree is not _PLAIN:
+            decoder.drafter.commit(path)
+        if decoder._feed:
+            decoder.drafter.observe(decoder._features(out)[[0] + [1 + node for node in path]])
+        if decoder.planner is not None and tree.num_nodes:
+            decoder.planner.observe(_path_acceptance(tree, target_probs))
+        stats = StepStats(
+            emitted=emitted, accepted=len(path), candidates_per_level=levels, tree_nodes=tree.num_nodes,
+            draft_seconds=draft_seconds, verify_seconds=verify_seconds + head_seconds,
+            select_seconds=time.perf_counter() - selecting - head_seconds, shape=shape, logprobs=logprobs,
+        )
+        return self._account(stats)
+
+    def _account(self, stats: StepStats) -> StepStats:
+        ends = [position + 1 for position, token in enumerate(stats.emitted) if token in self.stop_token_ids]
+        stats.truncate(min(ends + [self.max_new_tokens - self.produced]))
+        self.text.extend(stats.emitted)
+        if self.history is not None:
+            self.history.extend(stats.emitted)
+        self.produced += len(stats.emitted)
+        self.finished = self.produced >= self.max_new_tokens or stats.emitted[-1] in self.stop_token_ids
+        return stats
 
 
 _PLAIN = DraftTree(tokens=torch.empty(0, dtype=torch.long), parents=torch.empty(0, dtype=torch.long),

@@ -133,3 +133,72 @@ def test_every_kernel_path_runs_whole_layers_invariantly_and_they_agree(other_li
     assert checks.tree_invariance(lm, prompt) == 0.0
     logits = lm.forward(torch.tensor([prompt]), torch.arange(len(prompt)), lm.new_cache(8)).logits
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def _batch_cases(lm, seed: int):
+    """Four sequences of other lengths, each with its own cache and a tree (or one token) to run."""
+    from spectr.tree import tree_attention_mask, tree_positions
+
+    torch.manual_seed(seed)
+    vocab = lm.config.vocab_size
+    cases = []
+    for cached, parents in [(5, []), (30, [-1, 0]), (12, [-1, -1, 0, 2]), (1, [-1])]:
+        prompt = torch.randint(0, vocab, (1, cached))
+        caches = [lm.new_cache(64), lm.new_cache(64)]
+        for cache in caches:
+            lm.forward(prompt, torch.arange(cached), cache)
+        parents = torch.tensor(parents, dtype=torch.long)
+        tokens = torch.randint(0, vocab, (len(parents) + 1,))
+        cases.append((tokens, tree_positions(parents, cached), tree_attention_mask(parents, cached), caches))
+    return cases
+
+
+@pytest.mark.parametrize("precision", [pytest.param("int4", marks=needs_kernels), "fp32"])
+def test_a_batched_pass_equals_each_sequence_alone_bitwise(precision):
+    """forward_batch (the scheduler's pass: many sequences, each over its own cache) gives every sequence the
+    same bits as its own forward: logits, hidden states, captured layers and what it writes to its cache."""
+    from spectr.models import native_forward
+    from spectr.models.llama import BatchItem
+    from tests.models.tiny import tiny_model
+
+    lm = native_forward(tiny_model("llama-gqa"), precision)
+    assert lm.batches == (precision == "int4")  # one pass on the kernel; one after another elsewhere
+    cases = _batch_cases(lm, seed=0)
+    items = [BatchItem(tokens, positions, caches[0], mask, None if i % 2 else torch.tensor([0]))
+             for i, (tokens, positions, mask, caches) in enumerate(cases)]
+    together = lm.forward_batch(items, capture=(0,))
+    for item, out, (tokens, positions, mask, caches) in zip(items, together, cases):
+        alone = lm.forward(tokens[None], positions, caches[1], mask, item.logit_indices, capture=(0,))
+        for got, expected in [(out.logits, alone.logits), (out.hidden, alone.hidden), (out.layers, alone.layers)]:
+            assert got.shape == expected.shape and torch.equal(got, expected)
+        assert caches[0].length == caches[1].length
+        for a, b in [(caches[0].keys, caches[1].keys), (caches[0].values, caches[1].values)]:
+            assert torch.equal(a[..., : caches[1].length, :], b[..., : caches[1].length, :])
+        if caches[1].keys_t is not None:
+            assert torch.equal(caches[0].keys_t, caches[1].keys_t)
+
+
+@needs_kernels
+def test_a_batched_pass_is_one_pass_and_refuses_a_bad_item_before_writing():
+    from spectr.errors import InvalidInputError
+    from spectr.models import native_forward
+    from spectr.models.llama import BatchItem
+    from tests.models.tiny import tiny_model
+
+    lm = native_forward(tiny_model("llama-gqa"), "int4")
+    cases = _batch_cases(lm, seed=1)
+    calls = []
+    stack = lm._fused_stack()
+    lm._stack = lambda *args, **kwargs: (calls.append(len(args[3])), stack(*args, **kwargs))[1]
+    lm._stack.layers = stack.layers
+    items = [BatchItem(tokens, positions, caches[0], mask) for tokens, positions, mask, caches in cases]
+    lengths = [caches[0].length for *_, caches in cases]
+    lm.forward_batch(items)
+    assert calls == [len(items)]  # every sequence in one kernel call
+    for length, (*_, caches) in zip(lengths, cases):
+        caches[0].truncate(length)
+    bad = [BatchItem(tokens, positions, caches[0], mask) for tokens, positions, mask, caches in cases]
+    bad[2] = BatchItem(torch.tensor([10_000]), bad[2].positions[:1], bad[2].cache)
+    with pytest.raises(InvalidInputError, match="token ids"):
+        lm.forward_batch(bad)
+    assert [caches[0].length for *_, caches in cases] == lengths  # nothing written, no length moved

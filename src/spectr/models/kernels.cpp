@@ -59,6 +59,22 @@ struct DecoderLayer {
   float eps;
 };
 
+// One sequence's rows in a pass over the layers: its new tokens' queries (consecutive rows) attend to its
+// own cache. A pass may hold several (the batch rows of one cache, or the requests a scheduler batches),
+// each with its own cache, length and mask; every query's work is the same whichever others share the pass.
+struct Segment {
+  int64_t tokens;         // its rows
+  float* keys;            // its cache at the pass's first layer: [G, capacity, E] (the next layer layer_stride on)
+  float* keys_t;          // the keys transposed by tiles [G, tiled(capacity) / 16, E, 16] (layer_stride_t on), or null
+  float* values;          // [G, capacity, E], as keys
+  int64_t layer_stride, layer_stride_t, capacity;
+  int64_t start;          // its new tokens' first slot; they attend slots 0..start + tokens - 1
+  const uint8_t* mask;    // [tokens, start + tokens]
+  int64_t dense_from;     // SparQ: slots before this are attended sparsely where the pass asks (0: dense)
+  const float* value_means;  // SparQ: [G, E] a layer, mean_stride floats on (the values' mean before dense_from)
+  int64_t mean_stride;
+};
+
 namespace {
 
 constexpr int64_t BLOCK = 32;
@@ -745,7 +761,6 @@ inline int64_t tiled(int64_t capacity) { return (capacity + 15) / 16 * 16; }
 // query sees, this is plain attention. scratch: sparq_scratch(heads of the group, slots, e) floats.
 struct Sparse {
   int64_t rank, keep, dense_from;
-  const float* value_mean;  // [B, G, E] of this layer: the values' mean over slots 0..dense_from-1
 };
 
 
@@ -980,85 +995,129 @@ void sparq_group(const float* const* queries, int64_t heads, const uint8_t* seen
 }
 
 
-// The attention of queries [B, T, H, E] (a row of T's H queries every query_stride floats), work-shared
-// over the queries; see spectr_attend. keys_t: the keys transposed by tiles [B, G, tiled(capacity) / 16, E, 16],
-// or null.
-void attend_team(const float* q, int64_t query_stride, const float* keys, const float* keys_t, const float* values,
-                 const uint8_t* mask, int64_t batch, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e,
-                 int64_t capacity, int64_t slots, float scale, float* out, const Sparse* sparse = nullptr) {
+
+// The attention of every segment's queries (a row's H queries every query_stride floats, rows in segment
+// order) at layer `layer` of their caches into out [rows, H, E], work-shared over all segments' tasks in
+// one loop (one barrier a layer however many sequences). rank > 0: SparQ (rank, keep) where a segment's
+// dense_from > 0.
+void attend_team(const Segment* segments, int64_t count, int64_t layer, const float* q, int64_t query_stride,
+                 int64_t heads, int64_t kv_heads, int64_t e, float scale, float* out, int64_t rank = 0,
+                 int64_t keep = 0) {
   const int64_t group = heads / kv_heads;
-  if (sparse != nullptr && sparse->dense_from > 0) {  // SparQ, a group's heads at a token a task
-    // A thread's scratch lives on between calls: at 4k slots it is ~130 KB, which malloc would map and unmap
-    // (page faults every layer).
-    thread_local std::vector<float> kept_scratch;
-    kept_scratch.resize(std::max<size_t>(kept_scratch.size(), sparq_scratch(group, slots, e)));
-    float* scratch = kept_scratch.data();
-#pragma omp for collapse(3) schedule(static)
-    for (int64_t b = 0; b < batch; ++b)
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t g = 0; g < kv_heads; ++g) {
-          const float* queries[MOST_GROUP];
-          float* outs[MOST_GROUP];
-          for (int64_t i = 0; i < group; ++i) {
-            queries[i] = q + (b * tokens + t) * query_stride + (g * group + i) * e;
-            outs[i] = out + ((b * tokens + t) * heads + g * group + i) * e;
-          }
-          const int64_t head = b * kv_heads + g;
-          sparq_group(queries, group, mask + (b * tokens + t) * slots,
-                      keys_t ? keys_t + head * e * tiled(capacity) : nullptr, keys + head * capacity * e,
-                      values + head * capacity * e, slots, e, *sparse, sparse->value_mean + head * e, scratch, outs);
-        }
-    return;
-  }
 #if SPECTR_VNNI
   constexpr int64_t MOST = 6;  // queries a task (their accumulators fill the vector registers)
-  if (keys_t != nullptr && e % 16 == 0) {
-    // A key/value head's queries (its heads, for every token; token by token) in as few tasks of up to MOST
-    // as hold them, each task one pass over the head's cache (at long contexts reading the cache is the
-    // cost: measured, splitting one token's 3 queries over 2 passes to balance 3 heads on 2 threads made a
-    // 4k-token step 45 % slower); one query a task for one token over a short cache, for balance. The same
-    // bits whichever queries share a pass.
-    const int64_t per_head = tokens * group;
-    const int64_t pieces = tokens > 1 || slots >= 1024 ? (per_head + MOST - 1) / MOST : per_head;
-    float* scores = static_cast<float*>(std::malloc(sizeof(float) * MOST * (slots + 16)));
-#pragma omp for collapse(3) schedule(static)
-    for (int64_t b = 0; b < batch; ++b)
-      for (int64_t g = 0; g < kv_heads; ++g)
-        for (int64_t piece = 0; piece < pieces; ++piece) {
-          const float* queries[MOST];
-          const uint8_t* masks[MOST];
-          float* outs[MOST];
-          int nq = 0;
-          for (int64_t i = piece * per_head / pieces; i < (piece + 1) * per_head / pieces; ++i, ++nq) {
-            const int64_t t = i / group, h = g * group + i % group;
-            queries[nq] = q + (b * tokens + t) * query_stride + h * e;
-            masks[nq] = mask + (b * tokens + t) * slots;
-            outs[nq] = out + ((b * tokens + t) * heads + h) * e;
-          }
-          attend_queries_t(nq, queries, masks, keys_t + (b * kv_heads + g) * e * tiled(capacity),
-                           values + (b * kv_heads + g) * capacity * e, slots, e, scale, scores, outs);
-        }
-    std::free(scores);
-    return;
-  }
 #endif
-  float* scores = static_cast<float*>(std::malloc(sizeof(float) * slots));
-  int32_t* seen = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * slots));
-#pragma omp for collapse(3) schedule(static)
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t h = 0; h < heads; ++h) {
-        const uint8_t* m = mask + (b * tokens + t) * slots;
-        int64_t n = 0;
-        for (int64_t j = 0; j < slots; ++j)
-          if (m[j]) seen[n++] = static_cast<int32_t>(j);
-        const int64_t g = h / group;
-        const float* query = q + (b * tokens + t) * query_stride + h * e;
-        const float *kb = keys + (b * kv_heads + g) * capacity * e, *vb = values + (b * kv_heads + g) * capacity * e;
-        attend_query(query, kb, vb, seen, n, e, scale, scores, out + ((b * tokens + t) * heads + h) * e);
+  // A segment's tasks, in one of three kinds: SparQ, a group's heads at a token a task; transposed keys,
+  // a key/value head's queries in pieces of up to MOST (below); else one query a task.
+  enum Kind { SPARSE, TRANSPOSED, SINGLE };
+  std::vector<int64_t> first_task(count + 1, 0), first_row(count + 1, 0), pieces(count, 0);
+  std::vector<Kind> kinds(count);
+  int64_t most_slots = 0;
+  for (int64_t s = 0; s < count; ++s) {
+    const Segment& seg = segments[s];
+    const int64_t slots = seg.start + seg.tokens;
+    most_slots = std::max(most_slots, slots);
+    int64_t tasks;
+    if (rank > 0 && seg.dense_from > 0) {
+      kinds[s] = SPARSE;
+      tasks = seg.tokens * kv_heads;
+#if SPECTR_VNNI
+    } else if (seg.keys_t != nullptr && e % 16 == 0) {
+      // A key/value head's queries (its heads, for every token; token by token) in as few tasks of up to MOST
+      // as hold them, each task one pass over the head's cache (at long contexts reading the cache is the
+      // cost: measured, splitting one token's 3 queries over 2 passes to balance 3 heads on 2 threads made a
+      // 4k-token step 45 % slower); one query a task for one token over a short cache, for balance. The same
+      // bits whichever queries share a pass.
+      kinds[s] = TRANSPOSED;
+      const int64_t per_head = seg.tokens * group;
+      pieces[s] = seg.tokens > 1 || slots >= 1024 ? (per_head + MOST - 1) / MOST : per_head;
+      tasks = kv_heads * pieces[s];
+#endif
+    } else {
+      kinds[s] = SINGLE;
+      tasks = seg.tokens * heads;
+    }
+    first_task[s + 1] = first_task[s] + tasks;
+    first_row[s + 1] = first_row[s] + seg.tokens;
+  }
+  // A thread's scratch lives on between calls: at 4k slots SparQ's is ~130 KB, which malloc would map and
+  // unmap (page faults every layer).
+  thread_local std::vector<float> kept_scratch;
+  thread_local std::vector<int32_t> kept_seen;
+  size_t need = std::max<size_t>(sparq_scratch(group, most_slots, e), most_slots + 16);
+#if SPECTR_VNNI
+  need = std::max<size_t>(need, MOST * (most_slots + 16));
+#endif
+  kept_scratch.resize(std::max(kept_scratch.size(), need));
+  kept_seen.resize(std::max<size_t>(kept_seen.size(), most_slots));
+  float* scratch = kept_scratch.data();
+  int32_t* seen = kept_seen.data();
+#pragma omp for schedule(static)
+  for (int64_t task = 0; task < first_task[count]; ++task) {
+    const int64_t s = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+    const Segment& seg = segments[s];
+    const int64_t local = task - first_task[s], row0 = first_row[s], slots = seg.start + seg.tokens;
+    const int64_t capacity = seg.capacity;
+    const float* keys = seg.keys + layer * seg.layer_stride;
+    const float* keys_t = seg.keys_t ? seg.keys_t + layer * seg.layer_stride_t : nullptr;
+    const float* values = seg.values + layer * seg.layer_stride;
+    if (kinds[s] == SPARSE) {
+      const int64_t t = local / kv_heads, g = local % kv_heads;
+      const float* queries[MOST_GROUP];
+      float* outs[MOST_GROUP];
+      for (int64_t i = 0; i < group; ++i) {
+        queries[i] = q + (row0 + t) * query_stride + (g * group + i) * e;
+        outs[i] = out + ((row0 + t) * heads + g * group + i) * e;
       }
-  std::free(scores);
-  std::free(seen);
+      const Sparse sparse{rank, keep, seg.dense_from};
+      sparq_group(queries, group, seg.mask + t * slots, keys_t ? keys_t + g * e * tiled(capacity) : nullptr,
+                  keys + g * capacity * e, values + g * capacity * e, slots, e, sparse,
+                  seg.value_means + layer * seg.mean_stride + g * e, scratch, outs);
+      continue;
+    }
+#if SPECTR_VNNI
+    if (kinds[s] == TRANSPOSED) {
+      const int64_t g = local / pieces[s], piece = local % pieces[s], per_head = seg.tokens * group;
+      const float* queries[MOST];
+      const uint8_t* masks[MOST];
+      float* outs[MOST];
+      int nq = 0;
+      for (int64_t i = piece * per_head / pieces[s]; i < (piece + 1) * per_head / pieces[s]; ++i, ++nq) {
+        const int64_t t = i / group, h = g * group + i % group;
+        queries[nq] = q + (row0 + t) * query_stride + h * e;
+        masks[nq] = seg.mask + t * slots;
+        outs[nq] = out + ((row0 + t) * heads + h) * e;
+      }
+      attend_queries_t(nq, queries, masks, keys_t + g * e * tiled(capacity), values + g * capacity * e, slots, e,
+                       scale, scratch, outs);
+      continue;
+    }
+#endif
+    const int64_t t = local / heads, h = local % heads, g = h / group;
+    const uint8_t* m = seg.mask + t * slots;
+    int64_t n = 0;
+    for (int64_t j = 0; j < slots; ++j)
+      if (m[j]) seen[n++] = static_cast<int32_t>(j);
+    attend_query(q + (row0 + t) * query_stride + h * e, keys + g * capacity * e, values + g * capacity * e, seen, n,
+                 e, scale, scratch, out + ((row0 + t) * heads + h) * e);
+  }
+}
+
+// The B batch rows of one cache layer ([B, G, capacity, E], keys_t [B, G, tiles, E, 16] or null), sharing a
+// start and a mask [B, T, start + T], as segments.
+std::vector<Segment> batch_segments(int64_t batch, int64_t tokens, float* keys, float* keys_t, float* values,
+                                    int64_t layer_stride, int64_t layer_stride_t, int64_t kv_heads, int64_t e,
+                                    int64_t capacity, int64_t start, const uint8_t* mask, int64_t dense_from,
+                                    const float* value_means, int64_t mean_stride) {
+  std::vector<Segment> segments(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t head = b * kv_heads;
+    segments[b] = Segment{tokens, keys + head * capacity * e, keys_t ? keys_t + head * e * tiled(capacity) : nullptr,
+                          values + head * capacity * e, layer_stride, layer_stride_t, capacity, start,
+                          mask + b * tokens * (start + tokens), dense_from,
+                          value_means ? value_means + head * e : nullptr, mean_stride};
+  }
+  return segments;
 }
 
 // RoPE in transformers' half-split convention, in place on [heads, E] for one token.
@@ -1078,7 +1137,7 @@ void rotate_heads(float* x, int64_t heads, int64_t e, const float* cos, const fl
 
 extern "C" {
 
-int spectr_kernels_version() { return 10; }
+int spectr_kernels_version() { return 11; }
 
 // The block kernel this build runs: "avx512-vnni", "avx2" or "portable" (all with int16 activations).
 // Whether this build's attention reads the keys transposed too (by tiles of 16 slots, [B, G, tiles, E, 16],
@@ -1142,30 +1201,31 @@ void spectr_attend(const float* q, const float* keys, const float* keys_t, const
                    int64_t batch, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t e, int64_t capacity,
                    int64_t slots, float scale, float* out, int64_t sparse_rank, int64_t sparse_keep,
                    int64_t dense_from, const float* value_mean) {
-  const Sparse sparse{sparse_rank, sparse_keep, dense_from, value_mean};
+  const std::vector<Segment> segments = batch_segments(
+      batch, tokens, const_cast<float*>(keys), const_cast<float*>(keys_t), const_cast<float*>(values), 0, 0, kv_heads,
+      e, capacity, slots - tokens, mask, sparse_rank > 0 ? dense_from : 0, value_mean, 0);
 #pragma omp parallel
-  attend_team(q, heads * e, keys, keys_t, values, mask, batch, tokens, heads, kv_heads, e, capacity, slots, scale, out,
-              sparse_rank > 0 ? &sparse : nullptr);
+  attend_team(segments.data(), batch, 0, q, heads * e, heads, kv_heads, e, scale, out, sparse_rank, sparse_keep);
 }
 
-// Decoder layers over x [B, T, D] in place, each x += attention(norm(x)); x += mlp(norm(x)): layers[0..count-1]
-// in order, in one parallel region (every step a team function, separated by its barrier). keys, values:
-// the cache of layers[0] [B, G, capacity, E] each, the next layer's layer_stride floats further (keys_t, the
-// keys transposed by tiles [B, G, tiled(capacity) / 16, E, 16], their layer_stride_t floats apart, where
-// spectr_transposed_keys(); else null); the new
-// tokens' keys and values go to slots start..start+T-1; cos, sin [B, T, E] are their rotary tables; mask
-// [B, T, start + T]. Every step is row-wise or row-invariant. The layers share one shape.
-// sparse_rank > 0: SparQ attention (a draft's; see spectr_attend), value_means [B, G, E] a layer, the next
-// layer's mean_stride floats further.
-void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, int64_t batch, int64_t tokens,
-                           const float* cos, const float* sin, float* keys, float* keys_t, float* values,
-                           int64_t layer_stride, int64_t layer_stride_t, int64_t capacity, int64_t start,
-                           const uint8_t* mask, int64_t sparse_rank, int64_t sparse_keep, int64_t dense_from,
-                           const float* value_means, int64_t mean_stride) {
+// Decoder layers over x [rows, D] in place, each x += attention(norm(x)); x += mlp(norm(x)): layers[0..count-1]
+// in order, in one parallel region (every step a team function, separated by its barrier). The rows are
+// the segments' new tokens, segment by segment (each sequence's own cache, start and mask; see Segment):
+// their keys and values go to slots start..start+tokens-1 of their cache; cos, sin [rows, E] are their
+// rotary tables. Every step is row-wise or row-invariant, so a row's result is the same bits whichever
+// segments share the pass. The layers share one shape. sparse_rank > 0: SparQ attention (a draft's; see
+// spectr_attend) for the segments with dense_from > 0.
+void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, const float* cos, const float* sin,
+                           const Segment* segments, int64_t segment_count, int64_t sparse_rank, int64_t sparse_keep) {
   const DecoderLayer* shape = layers;
-  const int64_t rows = batch * tokens, d = shape->hidden, e = shape->head_dim;
+  const int64_t d = shape->hidden, e = shape->head_dim;
   const int64_t h = shape->heads, g = shape->kv_heads, f = shape->ffn;
   const int64_t qkv_width = (h + 2 * g) * e;
+  std::vector<int64_t> row_segment, row_token;  // which segment a row belongs to, and its token there
+  for (int64_t s = 0; s < segment_count; ++s)
+    for (int64_t t = 0; t < segments[s].tokens; ++t) row_segment.push_back(s), row_token.push_back(t);
+  const int64_t rows = static_cast<int64_t>(row_segment.size());
+  if (rows == 0) return;
   float* normed = static_cast<float*>(std::malloc(sizeof(float) * rows * (d + qkv_width + h * e + 3 * f)));
   float* qkv = normed + rows * d;
   float* attended = qkv + rows * qkv_width;
@@ -1181,35 +1241,34 @@ void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, 
 #pragma omp parallel
   for (int64_t index = 0; index < count; ++index) {
     const DecoderLayer* layer = layers + index;
-    float* layer_keys = keys + index * layer_stride;
-    float* layer_keys_t = keys_t ? keys_t + index * layer_stride_t : nullptr;
-    float* layer_values = values + index * layer_stride;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * d, d, layer->attention_norm, layer->eps, normed + r * d);
     quantize_team(normed, for_d);
     linear_team(layer->qkv, for_d, qkv, false);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
-      const int64_t b = row / tokens, t = row % tokens;
+      const Segment& seg = segments[row_segment[row]];
+      const int64_t at = seg.start + row_token[row], capacity = seg.capacity;
+      float* layer_keys = seg.keys + index * seg.layer_stride;
+      float* layer_keys_t = seg.keys_t ? seg.keys_t + index * seg.layer_stride_t : nullptr;
+      float* layer_values = seg.values + index * seg.layer_stride;
       float* q = qkv + row * qkv_width;
       float* k = q + h * e;
       const float* v = k + g * e;
       rotate_heads(q, h, e, cos + row * e, sin + row * e);
       rotate_heads(k, g, e, cos + row * e, sin + row * e);
       for (int64_t j = 0; j < g; ++j) {
-        const int64_t slot = ((b * g + j) * capacity + start + t) * e;
+        const int64_t slot = (j * capacity + at) * e;
         std::memcpy(layer_keys + slot, k + j * e, sizeof(float) * e);
         std::memcpy(layer_values + slot, v + j * e, sizeof(float) * e);
         if (layer_keys_t) {
-          const int64_t at = start + t;
-          float* tile = layer_keys_t + ((b * g + j) * tiled(capacity) + at / 16 * 16) * e + at % 16;
+          float* tile = layer_keys_t + (j * tiled(capacity) + at / 16 * 16) * e + at % 16;
           for (int64_t l = 0; l < e; ++l) tile[l * 16] = k[j * e + l];
         }
       }
     }
-    const Sparse sparse{sparse_rank, sparse_keep, dense_from, sparse_rank > 0 ? value_means + index * mean_stride : nullptr};
-    attend_team(qkv, qkv_width, layer_keys, layer_keys_t, layer_values, mask, batch, tokens, h, g, e, capacity, start + tokens,
-                1.f / std::sqrt(static_cast<float>(e)), attended, sparse_rank > 0 ? &sparse : nullptr);
+    attend_team(segments, segment_count, index, qkv, qkv_width, h, g, e, 1.f / std::sqrt(static_cast<float>(e)),
+                attended, sparse_rank, sparse_keep);
     quantize_team(attended, for_attended);
     linear_team(layer->output, for_attended, x, true);
 

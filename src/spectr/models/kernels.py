@@ -94,8 +94,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.spectr_attend.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
                                   ctypes.c_float, _ptr, _i64, _i64, _i64, _ptr]
     lib.spectr_attend.restype = None
-    lib.spectr_decoder_layers.argtypes = [ctypes.c_void_p, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64,
-                                          _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64]
+    lib.spectr_decoder_layers.argtypes = [ctypes.c_void_p, _i64, _ptr, _ptr, _ptr, ctypes.c_void_p, _i64, _i64, _i64]
     lib.spectr_decoder_layers.restype = None
     lib.spectr_transposed_keys.argtypes = []
     lib.spectr_transposed_keys.restype = ctypes.c_int
@@ -245,6 +244,42 @@ class DecoderLayer:
                 and all(isinstance(linear, BlockLinear) for linear in linears))
 
 
+class _Segment(ctypes.Structure):  # kernels.cpp's Segment
+    _fields_ = [("tokens", _i64), ("keys", _ptr), ("keys_t", _ptr), ("values", _ptr), ("layer_stride", _i64),
+                ("layer_stride_t", _i64), ("capacity", _i64), ("start", _i64), ("mask", _ptr), ("dense_from", _i64),
+                ("value_means", _ptr), ("mean_stride", _i64)]
+
+
+@dataclass
+class Segment:
+    """One sequence's new tokens in a DecoderStack pass: `tokens` consecutive rows of x attending row `row`
+    of a cache, keys and values [layers, B, G, capacity, E] float32 contiguous (keys_t: transposed by tiles,
+    [layers, B, G, tiles, E, 16], or None); they are written at slots start..start+tokens-1 and see the
+    slots mask [tokens, start + tokens] (bool, contiguous) allows. dense_from > 0, with value_means
+    [layers, B, G, E] float32 contiguous: SparQ attention over the slots before it (the pass's Sparse)."""
+
+    tokens: int
+    keys: Tensor
+    values: Tensor
+    keys_t: Tensor | None
+    row: int
+    start: int
+    mask: Tensor
+    dense_from: int = 0
+    value_means: Tensor | None = None
+
+    def described(self, first: int) -> _Segment:
+        """As the kernel takes it, from layer `first` of the cache on."""
+        keys_t, means = self.keys_t, self.value_means
+        return _Segment(self.tokens, self.keys[first, self.row].data_ptr(),
+                        None if keys_t is None else keys_t[first, self.row].data_ptr(),
+                        self.values[first, self.row].data_ptr(), self.keys.stride(0),
+                        0 if keys_t is None else keys_t.stride(0), self.keys.shape[3], self.start,
+                        self.mask.data_ptr(), self.dense_from if means is not None else 0,
+                        None if means is None else means[first, self.row].data_ptr(),
+                        0 if means is None else means.stride(0))
+
+
 class DecoderStack:
     """A model's decoder layers run by one kernel call for a whole span of them (one parallel region, one
     Python call a forward instead of one a layer)."""
@@ -253,21 +288,15 @@ class DecoderStack:
         self.layers = layers  # keeps their tensors, and so the descriptors' pointers, alive
         self.descriptors = (_DecoderLayer * len(layers))(*(layer.descriptor for layer in layers))
 
-    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, start: int, mask: Tensor,
-                 first: int = 0, count: int | None = None, keys_t: Tensor | None = None,
-                 sparse: Sparse | None = None) -> None:
-        """Layers first..first+count-1 over x [B, T, D] float32 contiguous, updated in place; cos, sin [B, T, E];
-        keys, values: the whole cache [layers, B, G, capacity, E], contiguous (keys_t: the keys transposed by
-        tiles, [layers, B, G, tiles, E, 16], or None); mask [B, T, start + T] bool contiguous; sparse: SparQ
-        attention (a draft's), its value_mean [layers, B, G, E]."""
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, segments: list[Segment], first: int = 0,
+                 count: int | None = None, sparse: tuple[int, int] = (0, 0)) -> None:
+        """Layers first..first+count-1 over x [..., rows, D] float32 contiguous (the segments' tokens, segment by
+        segment), updated in place; cos, sin [..., rows, E] their rotary tables, contiguous; sparse: SparQ's
+        (rank, keep) for the segments with a dense_from (a draft's attention)."""
         count = len(self.layers) - first if count is None else count
-        batch, tokens, _ = x.shape
-        rank, keep, dense_from, means = sparse.arguments(first) if sparse is not None else (0, 0, 0, None)
+        if sum(segment.tokens for segment in segments) * x.shape[-1] != x.numel():
+            raise ValueError(f"x {tuple(x.shape)} is not the segments' {sum(s.tokens for s in segments)} rows")
+        described = (_Segment * len(segments))(*(segment.described(first) for segment in segments))
         library().spectr_decoder_layers(ctypes.byref(self.descriptors, first * ctypes.sizeof(_DecoderLayer)), count,
-                                        x.data_ptr(), batch, tokens, cos.data_ptr(), sin.data_ptr(),
-                                        keys[first].data_ptr(), None if keys_t is None else keys_t[first].data_ptr(),
-                                        values[first].data_ptr(), keys.stride(0),
-                                        0 if keys_t is None else keys_t.stride(0), keys.shape[3], start,
-                                        mask.data_ptr(), rank, keep, dense_from,
-                                        None if means is None else means.data_ptr(),
-                                        0 if means is None else means.numel())
+                                        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), described, len(segments),
+                                        *sparse)

@@ -311,9 +311,11 @@ class LlamaForward:
             x = x.float().contiguous()  # updated in place by the kernel
             cos, sin = cos[:, :, 0].contiguous(), sin[:, :, 0].contiguous()  # [B, T, E]
             stack = self._fused_stack()
-            sparsely = None if means is None else kernels.Sparse(sparse.rank, sparse.keep, dense_from, means)
+            segments = [kernels.Segment(num_new, cache.keys, cache.values, cache.keys_t, b, start, mask[b],
+                                        dense_from, means) for b in range(batch)]
+            sparsely = (0, 0) if means is None else (sparse.rank, sparse.keep)
             for first, count in _spans(len(self.layers), set(capture), skip):
-                stack(x, cos, sin, cache.keys, cache.values, start, mask, first, count, cache.keys_t, sparsely)
+                stack(x, cos, sin, segments, first, count, sparsely)
                 if first + count - 1 in capture:
                     captured[first + count - 1] = x.clone()
         for index, layer in enumerate(() if fused else self.layers):
@@ -352,6 +354,61 @@ class LlamaForward:
         return ForwardOutput(logits=self.logits(hidden if logit_indices is None else hidden[:, logit_indices]),
                              hidden=hidden, layers=layers)
 
+    @property
+    def batches(self) -> bool:
+        """Whether forward_batch runs its sequences in one pass (else one after another, the same results)."""
+        return self.fused
+
+    @torch.inference_mode()
+    def forward_batch(self, items: list["BatchItem"], capture: tuple[int, ...] = ()) -> list[ForwardOutput]:
+        """Several sequences' new tokens, each over its own cache (of one sequence), in one pass where the
+        layers run on the kernel: every matmul over all their rows at once, each sequence attending its own
+        cache. A row's results are the same bits as in `forward` alone (every step is row-wise or
+        row-invariant), so batching changes no sequence's law. Elsewhere (torch's kernels, long runs) the
+        sequences run one after another. Returns each item's ForwardOutput, as `forward` would."""
+        if not self.fused or not items or any(item.tokens.shape[0] > FEW_QUERIES for item in items):
+            return [self.forward(item.tokens[None], item.positions, item.cache, item.attention_mask,
+                                 item.logit_indices, capture=capture) for item in items]
+        if any(not 0 <= i < self.config.num_layers for i in capture):
+            raise InvalidInputError(f"capture names layers {capture}; this model has {self.config.num_layers}")
+        segments, positions = [], []
+        for item in items:
+            tokens = item.tokens[None]
+            if item.cache.keys.shape[1] != 1:
+                raise InvalidInputError("forward_batch takes one sequence's cache an item")
+            num_new = tokens.shape[1]
+            mask = (causal_mask(item.cache.length, num_new) if item.attention_mask is None
+                    else item.attention_mask.reshape(num_new, -1))
+            self._check(tokens, item.positions.reshape(1, -1), item.cache, mask)
+            start = item.cache.reserve(num_new)
+            segments.append(kernels.Segment(num_new, item.cache.keys, item.cache.values, item.cache.keys_t, 0, start,
+                                            mask.contiguous()))
+            positions.append(item.positions.reshape(-1))
+        positions = torch.cat(positions)
+        x = self.embed(torch.cat([item.tokens for item in items])).float().contiguous()  # [rows, D]
+        cos, sin = self.cos[positions].contiguous(), self.sin[positions].contiguous()  # [rows, E]
+        stack, captured = self._fused_stack(), {}
+        for first, count in _spans(len(self.layers), set(capture), frozenset()):
+            stack(x, cos, sin, segments, first, count)
+            if first + count - 1 in capture:
+                captured[first + count - 1] = x.clone()
+        for item, segment in zip(items, segments):
+            item.cache.length = segment.start + segment.tokens
+        hidden = _rms_norm(x, self.norm, self.config.rms_norm_eps)
+        bounds = torch.tensor([0] + [segment.tokens for segment in segments]).cumsum(0).tolist()
+        # The LM head once over every row asked for (its weight read once for all the sequences).
+        wanted = [torch.arange(lo, hi) if item.logit_indices is None else lo + item.logit_indices
+                  for item, lo, hi in zip(items, bounds, bounds[1:])]
+        logits = self.logits(hidden[torch.cat(wanted)]) if sum(len(w) for w in wanted) else None
+        outputs, taken = [], 0
+        for item, lo, hi, rows in zip(items, bounds, bounds[1:], wanted):
+            layers = torch.stack([captured[i][lo:hi] for i in capture], 1)[None] if capture else None
+            outputs.append(ForwardOutput(
+                logits=(logits[taken : taken + len(rows)] if len(rows) else hidden.new_empty(0, self.config.vocab_size))[None],
+                hidden=hidden[lo:hi][None], layers=layers))
+            taken += len(rows)
+        return outputs
+
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
         """The LM head over final hidden states [..., D] -> float32 [..., V]: the same bits for a row
@@ -361,6 +418,19 @@ class LlamaForward:
             full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(-1, self.vocab_subset, logits)
         return logits
+
+
+@dataclass
+class BatchItem:
+    """One sequence's part of a batched pass (LlamaForward.forward_batch): tokens [T] at positions [T] over its
+    own cache; attention_mask [T, cache.length + T] bool (default causal); logit_indices: which of the T tokens
+    need logits (all by default)."""
+
+    tokens: Tensor
+    positions: Tensor
+    cache: KVCache
+    attention_mask: Tensor | None = None
+    logit_indices: Tensor | None = None
 
 
 def _spans(layers: int, ends: set[int], skip: frozenset[int]) -> list[tuple[int, int]]:
