@@ -302,20 +302,43 @@ def stream(engine: Engine, prompt: str | list[int] | list[dict], settings: Gener
         settings = GenerationSettings.build(**options)
     elif options:
         raise InvalidInputError(f"give a GenerationSettings or its options, not both (got {', '.join(options)})")
-    decode, params, max_new_tokens, stops = settings.decode, settings.sampling, settings.max_new_tokens, settings.stop
-    seed = settings.seed
     ids = encode_prompt(engine, prompt, chat)
+    decoder, generator = make_decoder(engine, settings)
+    chunks = Chunks(engine, settings, len(ids))
+    for step in decoder.stream(ids, settings.max_new_tokens, generator, chunks.stop_ids):
+        chunk = chunks.add(step, decoder.prefill_seconds)
+        yield chunk
+        if chunk.finished:
+            return
+
+
+def make_decoder(engine: Engine, settings: GenerationSettings) -> tuple[Decoder, torch.Generator]:
+    """A decoder for one generation of `settings` on `engine` (its own drafter), and its random generator."""
+    decode = settings.decode
+    seed = settings.seed
     generator = torch.Generator().manual_seed(random.randrange(2**63) if seed is None else seed)
     profile = engine.cost_profile(decode.length) if decode.tree == "auto" else None
-    decoder = Decoder(engine.target_forward(), engine.drafter() if decode.method != "ar" else None, decode, params, profile,
-                      logprobs=settings.logprobs)
-    stats = GenerationStats(prompt_tokens=len(ids))
-    stop_ids = stop_token_ids(engine.tokenizer)
-    hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
-    text = IncrementalText(engine.tokenizer, hidden=stop_ids, keep=hold)
-    shown = 0  # characters already streamed
-    start = time.perf_counter()
-    for step in decoder.stream(ids, max_new_tokens, generator, stop_ids):
+    decoder = Decoder(engine.target_forward(), engine.drafter() if decode.method != "ar" else None, decode,
+                      settings.sampling, profile, logprobs=settings.logprobs)
+    return decoder, generator
+
+
+class Chunks:
+    """A generation's steps as the Chunks it streams: text decoded incrementally, stop strings found across
+    token boundaries (a step cut at the token that completes one), the running stats."""
+
+    def __init__(self, engine: Engine, settings: GenerationSettings, prompt_tokens: int):
+        self.stops, self.max_new_tokens = settings.stop, settings.max_new_tokens
+        self.stats = GenerationStats(prompt_tokens=prompt_tokens)
+        self.stop_ids = stop_token_ids(engine.tokenizer)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # a stop string may still be forming
+        self.text = IncrementalText(engine.tokenizer, hidden=self.stop_ids, keep=self.hold)
+        self.shown = 0  # characters already streamed
+        self.start = time.perf_counter()
+
+    def add(self, step: StepStats, prefill_seconds: float) -> Chunk:
+        """The chunk of this step (finished where the generation ends with it)."""
+        text, stops, stats, hold = self.text, self.stops, self.stats, self.hold
         # Only the end of the text is decoded and searched: a stop string completes in this step's
         # text, reaching back at most `hold` characters. `base` is where `window` starts in the text.
         base = text.length - len(text.recent)
@@ -329,19 +352,20 @@ def stream(engine: Engine, prompt: str | list[int] | list[dict], settings: Gener
                     step.truncate(count)
                     break
         stats.add(step)
-        stats.seconds = time.perf_counter() - start
-        stats.prefill_seconds = decoder.prefill_seconds
+        stats.seconds = time.perf_counter() - self.start
+        stats.prefill_seconds = prefill_seconds
         cut = min((window.find(s) for s in stops if s in window), default=-1)
-        ended_by_eos = step.emitted[-1] in stop_ids
-        if cut >= 0 or ended_by_eos or stats.new_tokens >= max_new_tokens:
+        ended_by_eos = step.emitted[-1] in self.stop_ids
+        if cut >= 0 or ended_by_eos or stats.new_tokens >= self.max_new_tokens:
             end = cut if cut >= 0 else len(window)
             reason = "stop" if (cut >= 0 or ended_by_eos) else "length"
-            yield Chunk(window[shown - base : end], step.emitted, step, stats, finished=True, finish_reason=reason)
-            return
-        visible = max(shown, base + len(window) - hold)
-        yield Chunk(window[shown - base : visible - base], step.emitted, step, stats)
-        shown = visible
+            return Chunk(window[self.shown - base : end], step.emitted, step, stats, finished=True,
+                         finish_reason=reason)
+        visible = max(self.shown, base + len(window) - hold)
+        chunk = Chunk(window[self.shown - base : visible - base], step.emitted, step, stats)
+        self.shown = visible
         text.extend(step.emitted)
+        return chunk
 
 
 def generate(engine: Engine, prompt: str | list[int] | list[dict], settings: GenerationSettings | None = None,

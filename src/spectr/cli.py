@@ -159,8 +159,11 @@ def serve(
     target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    max_concurrency: int = typer.Option(2, "--max-concurrency", min=1, help="Generations running at once."),
+    max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="Generations running at once (with "
+                                        "batching, sharing each target pass)."),
     max_queue: int = typer.Option(8, "--max-queue", min=0, help="Requests waiting beyond those (then 429)."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Generations share target passes "
+                                  "(continuous batching); off: each decodes alone."),
     api_key: str | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
     model_name: str | None = typer.Option(None, "--model-name", help="The model id clients send."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Replicas behind Ray Serve's router (needs "
@@ -173,7 +176,7 @@ def serve(
     from spectr.server import ServerSettings, create_app
 
     settings = ServerSettings(max_concurrency=max_concurrency, max_queue=max_queue, api_key=api_key,
-                              model_name=model_name)
+                              model_name=model_name, batching=batching)
 
     def load_engine():
         return spectr.load(None if target == "default" else target, draft=draft, precision=precision)
@@ -507,7 +510,7 @@ def bench_forward(
 def bench_serve(
     target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
     clients: str = typer.Option("1,2,4,8,16", "--clients", help="Levels of concurrent clients."),
-    max_concurrency: int = typer.Option(2, "--max-concurrency", min=1, help="The server's flag."),
+    max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="The server's flag."),
     max_queue: int = typer.Option(16, "--max-queue", min=0, help="The server's flag."),
     k: int | None = typer.Option(None, "-k", help="Sent with every request (default: the server's default shape)."),
     length: int | None = typer.Option(None, "-L", help="Sent with every request."),

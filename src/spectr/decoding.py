@@ -331,6 +331,8 @@ class Generation:
         decoder.prefill_seconds = 0.0
         from spectr.models.llama import PREFILL_CHUNK
 
+        if len(text) == 1:
+            self.prefilled = True
         for begin in range(0, len(text) - 1, PREFILL_CHUNK):
             started = time.perf_counter()
             end = min(begin + PREFILL_CHUNK, len(text) - 1)
@@ -341,8 +343,8 @@ class Generation:
             if end == len(text) - 1 and hasattr(decoder.drafter, "prefill"):  # the draft's own pass belongs here too
                 decoder.drafter.prefill(text)
             decoder.prefill_seconds += time.perf_counter() - started
+            self.prefilled = end == len(text) - 1
             yield end
-        self.prefilled = True
 
     def prepare(self) -> TargetPass:
         """Draft this step's tree; what the target must run over it."""

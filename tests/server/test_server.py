@@ -13,6 +13,7 @@ import pytest
 
 import spectr
 from spectr import api
+from spectr.models import kernels
 from spectr.server import ServerSettings
 from tests.server.conftest import API_KEY, EndlessStream, HeldStream, LiveServer
 
@@ -327,3 +328,28 @@ def test_spectr_serve_command(tiny_folder):
             process.terminate()
             process.wait(timeout=10)
     pytest.fail("`spectr serve` exited before answering, three times")
+
+
+@pytest.mark.skipif(not kernels.available(), reason="spectr's kernels are not built here")
+def test_concurrent_requests_share_target_passes_and_answer_what_they_would_alone(tiny_folder):
+    """Continuous batching in the server: concurrent seeded requests (and a request's n choices) share the
+    target's passes -- the metrics show passes of several generations -- and each answers what the library
+    gives it alone."""
+    engine = spectr.load(tiny_folder, draft=tiny_folder, precision="int4")  # batched on the kernel
+    bodies = [{**BODY, "max_tokens": 14, "temperature": 1.0, "seed": seed, "k": 2, "L": 2} for seed in (1, 2, 3)]
+    bodies.append({**BODY, "max_tokens": 10, "temperature": 0.8, "seed": 7, "n": 3})
+    settings = ServerSettings(max_concurrency=4, max_queue=4, api_key=API_KEY, model_name="tiny")
+    with LiveServer(lambda: engine, settings) as live, ThreadPoolExecutor(4) as clients:
+        live.wait_ready()
+        responses = list(clients.map(lambda body: _post(live, "/v1/completions", body), bodies))
+        assert [response.status_code for response in responses] == [200] * 4, [r.text for r in responses]
+        metrics = httpx.get(f"{live.url}/metrics").text
+    for body, response in zip(bodies[:3], responses):
+        expected = spectr.generate(engine, PROMPT, max_new_tokens=14, temperature=1.0, seed=body["seed"], k=2, L=2)
+        assert response.json()["choices"][0]["text"] == expected.text
+    choices = [c["text"] for c in sorted(responses[3].json()["choices"], key=lambda c: c["index"])]
+    assert choices == [spectr.generate(engine, PROMPT, max_new_tokens=10, temperature=0.8, seed=7 + i, k=2, L=3).text
+                       for i in range(3)]
+    sums = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+            if line.startswith("spectr_batch_sequences_")}
+    assert sums["spectr_batch_sequences_sum"] > sums["spectr_batch_sequences_count"]  # > 1 generation a pass

@@ -29,6 +29,7 @@ from spectr.server.responses import (TokenStrings, chat_body, chat_logprobs, com
                                      usage)
 from spectr.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from spectr.server.workers import Workers
+from spectr.serving.scheduler import BatchedStreams
 from spectr.settings import GenerationSettings
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerSettings:
-    max_concurrency: int = 2
+    max_concurrency: int = 8  # generations running at once: with batching, the generations a target pass serves
     max_queue: int = 8
+    batching: bool = True  # generations share target passes (serving/scheduler.py); False: each decodes alone
     api_key: str | None = None
     model_name: str | None = None  # the id clients must send; default: the target's file or folder name
     retry_after_seconds: int = 1
@@ -51,13 +53,17 @@ class ServerSettings:
 
 
 def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings = ServerSettings(),
-               stream: Callable[..., Iterator["api.Chunk"]] = api.stream, preload: bool = False) -> FastAPI:
-    """The app; `stream` generates (api.stream's signature), replaceable so tests can hold or break generations.
+               stream: Callable[..., Iterator["api.Chunk"]] | None = None, preload: bool = False) -> FastAPI:
+    """The app; `stream` generates (api.stream's signature; default: batched, serving/scheduler.py, or api.stream
+    where settings.batching is off), replaceable so tests can hold or break generations.
     preload: load the engine here, before the app exists (a Ray Serve replica: the router must not send it
     requests until it can serve them); otherwise it loads after the server starts listening."""
     state: dict = {"engine": None, "error": None, "strings": None}
     metrics = ServerMetrics()
-    workers = Workers(settings.max_concurrency, settings.max_queue, metrics, stream)
+    batched = (BatchedStreams(settings.max_concurrency, on_pass=metrics.batch_size.observe)
+               if stream is None and settings.batching else None)
+    workers = Workers(settings.max_concurrency, settings.max_queue, metrics,
+                      stream or batched or api.stream, parallel_choices=batched is not None)
 
     def load() -> None:
         try:
@@ -80,6 +86,8 @@ def create_app(load_engine: Callable[[], "api.Engine"], settings: ServerSettings
             threading.Thread(target=load, name="spectr-load", daemon=True).start()
         yield
         workers.shutdown()
+        if batched is not None:
+            batched.close()
 
     app = FastAPI(title="spectr", lifespan=lifespan)
     app.state.slots = workers.slots

@@ -19,5 +19,7 @@ class ServerMetrics:
                                      buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inter_token = Histogram("spectr_inter_token_latency_seconds", "Time between streamed chunks, per token",
                                      buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("spectr_batch_sequences", "Generations sharing a target pass (batching)",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=self.registry)
         self.in_flight = Gauge("spectr_requests_in_flight", "Generations admitted (running or queued)",
                                registry=self.registry)

@@ -2,7 +2,9 @@
 
 The engine API stays synchronous (one replica, one engine; the weights are shared, each generation has its
 own caches). At most `max_concurrency` generations run and `max_queue` wait; past that `Workers.admit`
-refuses, and the route answers 429. A generation's choices (n > 1) run one after another in its worker. A
+refuses, and the route answers 429. With batched streams (serving/scheduler.py, the default) generations
+share the target's passes, and a request's choices (n > 1) run together; else they run one after another in
+its worker. A
 streaming client that disconnects sets `cancelled`, which stops the generation at its next decoding step and
 frees its slot; so does a generation that fails.
 """
@@ -46,11 +48,13 @@ def choice_settings(settings: GenerationSettings, index: int) -> GenerationSetti
 
 class Workers:
     def __init__(self, max_concurrency: int, max_queue: int, metrics: ServerMetrics,
-                 stream: Callable[..., Iterator[api.Chunk]]):
+                 stream: Callable[..., Iterator[api.Chunk]], parallel_choices: bool = False):
+        """parallel_choices: run a request's choices at once (where `stream` batches generations)."""
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="spectr-generate")
         self.slots = Slots(max_concurrency + max_queue)
         self.metrics = metrics
         self.stream = stream  # api.stream's signature; tests replace it to hold or break generations
+        self.parallel_choices = parallel_choices
 
     def admit(self) -> bool:
         if not self.slots.take():
@@ -71,20 +75,45 @@ class Workers:
         return future
 
     def _run(self, engine, ids, settings, choices, emit, cancelled) -> None:
-        for index in range(choices):
-            started = time.perf_counter()
-            last = None
-            with closing(self.stream(engine, ids, choice_settings(settings, index))) as chunks:
-                for chunk in chunks:  # closing: a cancelled generation frees its caches now
-                    now = time.perf_counter()
-                    if last is None:
-                        self.metrics.first_token.observe(now - started)
-                    elif chunk.tokens:
-                        self.metrics.inter_token.observe((now - last) / len(chunk.tokens))
-                    last = now
-                    emit(index, chunk)
-                    if cancelled.is_set():
-                        return
+        if choices == 1 or not self.parallel_choices:
+            for index in range(choices):
+                self._relay(engine, ids, settings, index, emit, cancelled)
+            return
+        # Batched streams: a request's choices decode together, sharing the passes (n > 1 through batching).
+        errors: list[BaseException] = []
+
+        def relay(index: int) -> None:
+            try:
+                self._relay(engine, ids, settings, index, emit, cancelled)
+            except BaseException as error:  # noqa: BLE001 -- raised by the request's own worker below
+                errors.append(error)
+                cancelled.set()  # the request fails: its other choices stop too
+
+        others = [threading.Thread(target=relay, args=(index,), name="spectr-choice", daemon=True)
+                  for index in range(1, choices)]
+        for thread in others:
+            thread.start()
+        relay(0)
+        for thread in others:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _relay(self, engine, ids, settings, index, emit, cancelled) -> None:
+        """One choice's chunks, from its stream to emit(index, chunk), until it ends or the request is cancelled."""
+        started = time.perf_counter()
+        last = None
+        with closing(self.stream(engine, ids, choice_settings(settings, index))) as chunks:
+            for chunk in chunks:  # closing: a cancelled generation frees its caches now
+                now = time.perf_counter()
+                if last is None:
+                    self.metrics.first_token.observe(now - started)
+                elif chunk.tokens:
+                    self.metrics.inter_token.observe((now - last) / len(chunk.tokens))
+                last = now
+                emit(index, chunk)
+                if cancelled.is_set():
+                    return
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

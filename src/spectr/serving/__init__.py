@@ -1,0 +1,1 @@
+"""Serving many generations at once: continuous batching (scheduler.py)."""
