@@ -512,6 +512,7 @@ def bench_serve(
     clients: str = typer.Option("1,2,4,8,16", "--clients", help="Levels of concurrent clients."),
     max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="The server's flag."),
     max_queue: int = typer.Option(16, "--max-queue", min=0, help="The server's flag."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="The server's flag."),
     k: int | None = typer.Option(None, "-k", help="Sent with every request (default: the server's default shape)."),
     length: int | None = typer.Option(None, "-L", help="Sent with every request."),
     output: Path = typer.Option(Path("bench/results/serve"), "--output", "-o", help="Folder for JSON, Markdown, PNG."),
@@ -523,7 +524,8 @@ def bench_serve(
     from spectr.bench import serve
 
     levels = tuple(int(c) for c in clients.split(","))
-    serve_args = [f"--max-concurrency={max_concurrency}", f"--max-queue={max_queue}", f"--precision={precision}"]
+    serve_args = [f"--max-concurrency={max_concurrency}", f"--max-queue={max_queue}", f"--precision={precision}",
+                  "--batching" if batching else "--no-batching"]
     serve_args += [] if target == "default" else [f"--target={target}"]
     serve_args += [] if draft == "default" else [f"--draft={draft}"]
     extra = {name: value for name, value in (("k", k), ("L", length)) if value is not None}
@@ -533,7 +535,7 @@ def bench_serve(
     output.mkdir(parents=True, exist_ok=True)
     (output / "serve.json").write_text(json.dumps(result, indent=1))
     markdown = serve.render(result, "spectr bench serve " + " ".join(
-        f"--clients {clients}".split() + ([f"-k {k}"] if k else []) + ([f"-L {length}"] if length else [])))
+        f"--clients {clients} --max-concurrency {max_concurrency}".split() + ([] if batching else ["--no-batching"]) + ([f"-k {k}"] if k else []) + ([f"-L {length}"] if length else [])))
     (output / "serve.md").write_text(markdown + "\n![throughput and time to first token](serve.png)\n")
     serve.plot(result, output / "serve.png")
     typer.echo(markdown)
