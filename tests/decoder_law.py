@@ -194,11 +194,12 @@ def reference_probs(logits: torch.Tensor, text: list[int], prompt: int, params: 
 
 def check_decoder_law(target, drafter, settings: DecodeSettings, params: SamplingParams, rule: Rule | None = None,
                       streams: int = 12, tokens: int = 200, seed: int = 0, profile=None,
-                      repeats: int = 0) -> LawCheck:
+                      repeats: int = 0, loads=None) -> LawCheck:
     """Generate `streams` texts of `tokens` tokens and test every emitted token against p(·|prefix).
 
     repeats: also split each category by whether the token is among the prefix's last `repeats` tokens
-    (where a penalty that miscounts a tree path moves mass)."""
+    (where a penalty that miscounts a tree path moves mass). loads: step number -> the BatchLoad that
+    step is prepared beside (a batch's rest, for tree 'auto'), or None: decoded alone."""
     decoder = Decoder(target, drafter, settings, params, profile)
     if rule is not None:
         decoder.rule = rule
@@ -208,7 +209,8 @@ def check_decoder_law(target, drafter, settings: DecodeSettings, params: Samplin
     for stream in range(streams):
         prompt = torch.randint(0, vocab, (3,), generator=generator).tolist()
         text = list(prompt)
-        for step in decoder.stream(prompt, tokens, generator):
+        for step in (decoder.stream(prompt, tokens, generator) if loads is None
+                     else _beside(decoder, prompt, tokens, generator, loads, steps)):
             text.extend(step.emitted)
             accepted += step.accepted
             steps += 1
@@ -238,3 +240,17 @@ def check_decoder_law(target, drafter, settings: DecodeSettings, params: Samplin
             -1, bins, torch.where(p > 0, p, 0)))
     return LawCheck(pooled_chi_square_pvalue(torch.cat(categories), torch.cat(laws)),
                     sum(c.numel() for c in categories), accepted, steps)
+
+
+def _beside(decoder, prompt, tokens, generator, loads, first_step):
+    """Decoder.stream's steps with each step prepared beside loads(step number)."""
+    generation = decoder.start(prompt, tokens, generator)
+    for _ in generation.prefill():
+        pass
+    step = first_step
+    while not generation.finished:
+        target_pass = generation.prepare(loads(step))
+        out = decoder.target.forward(target_pass.tokens[None], target_pass.positions, generation.cache,
+                                     **target_pass.options(decoder._capture_kwargs))
+        yield generation.complete(out, 0.0)
+        step += 1

@@ -1,6 +1,8 @@
 """The `auto` shape (planner.py): the choice it makes from a cost profile and observed acceptance, the
 profile's measurement and cache, and decoding with it — exact, greedy-equal, reproducible."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ from spectr.decoding import Decoder, DecodeSettings
 from spectr.drafters import EagleDrafter, ModelDrafter
 from spectr.errors import InvalidInputError
 from spectr.models import native_forward
-from spectr.planner import EXPLORE_AT_MOST, EXPLORE_EVERY, CostProfile, PathPlanner, cached_profile, measure_profile
+from spectr.planner import (BATCH_ROWS, BATCH_SEQUENCES, EXPLORE_AT_MOST, EXPLORE_EVERY, BatchLoad, CostProfile, PathPlanner, cached_profile,
+                            measure_profile)
 from spectr.processing import SamplingParams
 from tests.decoder_law import check_decoder_law, law_target, perturbed_copy
 from tests.models.tiny import tiny_model
@@ -67,6 +70,51 @@ def test_the_choice_follows_the_context():
     assert planner.choose(4000) > 1
 
 
+# Cheap trees alone; in a batch, a pass over R rows of many sequences: a fixed part and a cost per row.
+def batched(profile: CostProfile, fixed: float, per_row: float) -> CostProfile:
+    from dataclasses import replace
+
+    return replace(profile, batch_rows=BATCH_ROWS, batch_seconds=tuple(fixed + per_row * r for r in BATCH_ROWS))
+
+
+def test_a_pass_costs_what_was_measured_between_and_beyond():
+    profile = batched(CHEAP_TREES, 0.002, 0.001)
+    assert profile.pass_seconds(1) == pytest.approx(0.003) and profile.pass_seconds(0) == pytest.approx(0.003)
+    assert profile.pass_seconds(12) == pytest.approx(0.014)  # between 8 and 16
+    assert profile.pass_seconds(100) == pytest.approx(0.102)  # beyond 64: the last two's line
+    assert profile.pass_seconds(12, 4) == profile.pass_seconds(12)  # sequences not measured: rows alone
+    # Each sequence also reads its own cache: 0.5 ms more a sequence than a row of one sequence.
+    from dataclasses import replace
+
+    both = replace(profile, batch_sequences=BATCH_SEQUENCES, sequence_seconds=tuple(0.002 + 0.0015 * s for s in BATCH_SEQUENCES))
+    assert both.pass_seconds(12, 1) == pytest.approx(0.014)
+    assert both.pass_seconds(12, 4) == pytest.approx(0.014 + 4 * 0.0005)
+    assert both.pass_seconds(40, 32) == pytest.approx(0.042 + 32 * 0.0005)  # beyond 16 sequences: the line
+    with pytest.raises(InvalidInputError, match="no batched passes"):
+        CHEAP_TREES.pass_seconds(4)
+
+
+def test_under_load_the_batch_rate_decides():
+    """The same draft, the same acceptance: alone it drafts long paths; beside a batch, the more the batch
+    already brings the shorter its paths, down to plain steps once rows cost what they cost (the machine
+    busy); where rows are nearly free (a pass costs its weights' reading) it keeps drafting longer."""
+    def lengths(profile):
+        planner = PathPlanner(profile, 6)
+        planner.acceptance = [0.8] * 6
+        loads = [BatchLoad(rows, float(rows), 0.0002 * rows) for rows in (1, 3, 7, 15)]
+        return planner.best_length(), [planner.best_length(load=load) for load in loads]
+
+    alone, loaded = lengths(batched(CHEAP_TREES, 0.006, 0.0008))
+    assert alone == 5 and loaded == sorted(loaded, reverse=True) and 0 < loaded[0] < alone and loaded[-1] == 0
+    assert lengths(batched(CHEAP_TREES, 0.002, 0.0015))[1] == [0, 0, 0, 0]  # rows as dear as steps
+    assert lengths(batched(CHEAP_TREES, 0.010, 0.00005))[1][:2] == [5, 3]  # rows nearly free: longer paths
+    busy = BatchLoad(rows=7, tokens=7.0, seconds=0.001)
+    planner = PathPlanner(batched(CHEAP_TREES, 0.006, 0.0008), 6)
+    assert planner.choose(load=busy) == 0 and planner.chosen[0] == 1
+    # A profile without batched passes (measured by an older spectr) chooses as alone.
+    assert PathPlanner(CHEAP_TREES, 6).best_length(load=busy) == PathPlanner(CHEAP_TREES, 6).best_length()
+
+
 def test_plain_steps_still_look_at_the_draft_now_and_then():
     """One step in 8 drafts, then one in 16, 32, 64, 64: less often while drafting keeps losing."""
     planner = PathPlanner(DEAR_TREES, 4)
@@ -119,6 +167,10 @@ def test_measured_profile_and_its_cache(models, tmp_path, monkeypatch):
     # And on a long context: half the tiny model's 256 positions.
     assert profile.context == 16 and profile.long_context == 128
     assert len(profile.long_target_seconds) == 4 and len(profile.long_draft_seconds) == 3
+    assert profile.batch_rows == BATCH_ROWS and len(profile.batch_seconds) == len(BATCH_ROWS)
+    assert profile.batch_sequences == BATCH_SEQUENCES and len(profile.sequence_seconds) == len(BATCH_SEQUENCES)
+    for seconds in (profile.batch_seconds, profile.sequence_seconds):
+        assert all(0 < a <= b for a, b in zip(seconds, seconds[1:]))
     assert cached_profile("tiny", measure) == profile and len(calls) == 1  # read back, not measured again
     cached_profile("tiny", measure, refresh=True)
     assert len(calls) == 2
@@ -166,6 +218,41 @@ def test_every_token_follows_the_target_with_both_drafters(tmp_path):
         exact = check_decoder_law(target, drafter, settings, SamplingParams(temperature=0.7), streams=15,
                                   profile=MIXED)
         assert exact.accepted > exact.steps / 2 and exact.pvalue > P_VALUE_THRESHOLD, exact
+
+
+def test_every_token_follows_the_target_beside_a_changing_batch(tmp_path, monkeypatch):
+    """Paths chosen by a batch's load, which moves between steps (others joining, leaving, drafting): the
+    choice is a function of the past, so every token keeps the target's law. The loads swing the choice
+    between plain steps and long paths."""
+    from spectr.drafters.trained import load_trained_draft
+    from tests.decoder_law import sharpened_head
+
+    hf = law_target()
+    target = native_forward(hf, "fp32")
+    head = load_trained_draft(sharpened_head(hf, tmp_path), hf, precision="fp32")
+    profile = batched(CHEAP_TREES, 0.006, 0.0008)
+    swings = [None, BatchLoad(15, 15.0, 0.003), BatchLoad(1, 1.0, 0.0), BatchLoad(7, 9.0, 0.002)]
+    seen, chosen = [], Counter()
+    choose = PathPlanner.choose
+
+    def loads(step):
+        seen.append(swings[(step * 7 + step // 3) % len(swings)])
+        return seen[-1]
+
+    def counted(self, context=None, load=None):
+        length = choose(self, context, load)
+        chosen[length] += 1
+        return length
+
+    monkeypatch.setattr(PathPlanner, "choose", counted)
+
+    for drafter in (ModelDrafter(perturbed_copy(hf)), EagleDrafter(head)):
+        exact = check_decoder_law(target, drafter, DecodeSettings(tree="auto", length=4), SamplingParams(temperature=0.7),
+                                  streams=15, profile=profile, loads=loads)
+        assert exact.pvalue > P_VALUE_THRESHOLD, exact
+    assert {type(load) for load in seen} == {type(None), BatchLoad}
+    total = sum(chosen.values())
+    assert chosen[0] > total / 5 and chosen[2] + chosen[3] + chosen[4] > total / 5, chosen  # plain and long
 
 
 def test_settings_for_auto():

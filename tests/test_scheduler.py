@@ -1,6 +1,7 @@
 """Continuous batching (serving/scheduler.py): generations share target passes and stream what they would alone."""
 
 import threading
+import time
 
 import pytest
 
@@ -8,6 +9,7 @@ import spectr
 from spectr import api
 from spectr.errors import ContextOverflowError
 from spectr.models import kernels
+from spectr.planner import BATCH_ROWS, CostProfile
 from spectr.serving.scheduler import BatchedStreams, Scheduler
 from spectr.settings import GenerationSettings
 from tests.models.test_loading import save_tiny_model
@@ -153,3 +155,43 @@ def test_batched_streams_make_one_scheduler_per_engine(engine):
     _collect(streams(engine, ids, settings))
     assert streams.scheduler is first
     streams.close()
+
+
+def test_under_load_unseeded_generations_turn_plain_and_seeded_ones_choose_as_alone(engine, monkeypatch):
+    """Tree 'auto' on a machine where a pass's rows cost what steps cost (measured so on this host): alone a
+    generation drafts long paths; beside others, unseeded ones draft little (plain steps give the batch
+    more), while a seeded one chooses as alone and so gives the very tokens it gives alone."""
+    rows_as_dear_as_steps = CostProfile(target_seconds=tuple(0.010 + 0.0005 * n for n in range(7)),
+                                        draft_seconds=tuple(0.001 * (n + 1) for n in range(6)),
+                                        batch_rows=BATCH_ROWS, batch_seconds=tuple(0.002 + 0.0015 * r for r in BATCH_ROWS))
+    monkeypatch.setattr(engine, "cost_profile", lambda *args, **kwargs: rows_as_dear_as_steps)
+    ids = _ids(engine, PROMPTS[0])
+    unseeded = GenerationSettings.build(temperature=1.0, max_new_tokens=40)
+    seeded = GenerationSettings.build(temperature=1.0, max_new_tokens=40, seed=7)
+
+    def plain_share(chunks):
+        return sum(c.step.shape == "plain" for c in chunks) / len(chunks)
+
+    scheduler = Scheduler(engine, max_batch=4)
+    assert plain_share(list(scheduler.stream(ids, unseeded))) < 0.3  # alone: it drafts
+    results = [None] * 4
+
+    def run(index):
+        results[index] = list(scheduler.stream(ids, seeded if index == 0 else unseeded))
+
+    # All four join at once (the loop held until they are queued), so none runs alone for long.
+    scheduler.close()
+    scheduler = Scheduler(engine, max_batch=4)
+    start, scheduler._start = scheduler._start, lambda: None
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    while scheduler._incoming.qsize() < 4:
+        time.sleep(0.01)
+    start()
+    for thread in threads:
+        thread.join(timeout=120)
+    scheduler.close()
+    assert all(plain_share(chunks) > 0.6 for chunks in results[1:]), [plain_share(c) for c in results[1:]]
+    assert _collect(iter(results[0])) == _alone(engine, ids, seeded)
+    assert plain_share(results[0]) < 0.3

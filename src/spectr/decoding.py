@@ -20,7 +20,7 @@ from spectr.drafters import Drafter
 from spectr.drafters.base import capture_for, capture_kwargs
 from spectr.errors import ContextOverflowError, InvalidInputError, UnsupportedModelError
 from spectr.models.base import head_of
-from spectr.planner import CostProfile, PathPlanner
+from spectr.planner import BatchLoad, CostProfile, PathPlanner
 from spectr.processing import SamplingParams, TokenHistory, TokenLogprob, logits_to_probs, node_paths, token_logprob
 from spectr.rules import RULES, Rule
 from spectr.sampling import sample_categorical
@@ -252,11 +252,11 @@ class Decoder:
                                       **target_pass.options(self._capture_kwargs))
             yield generation.complete(out, time.perf_counter() - started)
 
-    def _propose(self, text: list[int], generator: torch.Generator):
-        """This step's draft tree and its shape's name."""
+    def _propose(self, text: list[int], generator: torch.Generator, load: BatchLoad | None = None):
+        """This step's draft tree and its shape's name (load: the rest of a batched pass, for 'auto')."""
         settings = self.settings
         if self.planner is not None:
-            length = self.planner.choose(len(text))
+            length = self.planner.choose(len(text), load)
             if length == 0:  # a plain step: the target alone (the drafter is not asked, nor told)
                 return _PLAIN, "plain"
             return self.drafter.propose(text, 1, length, self._law, generator), f"L={length}"
@@ -346,8 +346,9 @@ class Generation:
             self.prefilled = end == len(text) - 1
             yield end
 
-    def prepare(self) -> TargetPass:
-        """Draft this step's tree; what the target must run over it."""
+    def prepare(self, load: BatchLoad | None = None) -> TargetPass:
+        """Draft this step's tree; what the target must run over it. load: what the rest of a batched pass
+        brings, for tree 'auto' to choose by the batch's rate (planner.py; None: as if alone)."""
         decoder, text = self.decoder, self.text
         if not self.prefilled:
             for _ in self.prefill():
@@ -357,8 +358,11 @@ class Generation:
             self._pending = (None, "plain", 0.0)
             return TargetPass(torch.tensor([text[-1]]), torch.tensor([cached]), None, None)
         started = time.perf_counter()
-        tree, shape = decoder._propose(text, self.generator)
+        tree, shape = decoder._propose(text, self.generator, load)
         self._pending = (tree, shape, time.perf_counter() - started)
+        if tree is _PLAIN:  # the root alone: causal (no mask to build over the context)
+            return TargetPass(torch.tensor([text[-1]]), torch.tensor([cached]), None,
+                              None if decoder._head is None else _ROOT)
         tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])
         positions, mask = tree_positions(tree.parents, cached), tree_attention_mask(tree.parents, cached)
         return TargetPass(tokens, positions, mask, None if decoder._head is None else _ROOT)
@@ -371,10 +375,12 @@ class Generation:
         self._pending = None
         cached = len(text) - 1
         law = decoder._law
-        if tree is None:  # a plain step
+        if tree is None or tree is _PLAIN:  # a plain step: the root's row, sampled (as the walk would)
             selecting = time.perf_counter()
-            probs = logits_to_probs(out.logits[0], law)
+            probs = logits_to_probs(out.logits[0, :1], law)
             token = int(sample_categorical(probs, generator)[0, 0])
+            if tree is _PLAIN and decoder._feed:  # the drafter is not told the token, but gets the root's features
+                decoder.drafter.observe(decoder._features(out)[[0]])
             stats = StepStats(
                 emitted=[token], accepted=0, verify_seconds=verify_seconds,
                 select_seconds=time.perf_counter() - selecting,
@@ -394,8 +400,7 @@ class Generation:
                         for row, token in zip([0] + [1 + node for node in path], emitted)]
         head_seconds = 0.0 if lazy is None else lazy.seconds
         cache.commit(cached + 1, [cached + 1 + node for node in path])
-        if tree is not _PLAIN:
-            decoder.drafter.commit(path)
+        decoder.drafter.commit(path)
         if decoder._feed:
             decoder.drafter.observe(decoder._features(out)[[0] + [1 + node for node in path]])
         if decoder.planner is not None and tree.num_nodes:

@@ -23,9 +23,21 @@ then twice as many each time drafting still loses, up to `EXPLORE_AT_MOST` —
 so that a draft which starts to agree with the target is noticed. Paths are verified by block
 verification (rules/block.py; never fewer tokens than token-wise).
 
+In a batched pass (serving/scheduler.py) a sequence's tokens share the pass with the rest of the
+batch, and what counts is the batch's rate. The profile also holds what a pass costs: over R rows of one
+sequence (R = 1, 2, 4, …, 64: the weights' work) and over S sequences of one row each (S = 1, 2, 4, …,
+16: each also reads its own cache), a pass over R rows of S sequences costing rows(R) + sequences(S) −
+rows(S). Given the rest of the batch's load — its sequences and rows, the tokens it is expected to emit,
+its seconds outside the pass (BatchLoad, measured by the scheduler over the last steps) — the step drafts
+the L that maximises
+    (tokens of the rest + expected tokens) / (seconds of the rest + own seconds + pass(rows + 1 + L, S + 1)).
+Rows cost about the same whoever brings them, so once the batch keeps the machine busy a draft token costs
+what a sequence's plain token costs and is worth less: trees shrink, and plain steps win.
+
 Every choice depends only on what earlier steps observed, never on the random
-draws of the step it shapes, so each emitted token still has the target's law;
-with a given profile a seeded run makes the same choices and the same text.
+draws of the step it shapes (the rest of the batch's load included: other sequences' past), so each emitted
+token still has the target's law; with a given profile a seeded run makes the same choices and the same
+text (which is why a scheduler gives seeded generations no load: they choose as they would alone).
 """
 
 from collections import Counter
@@ -62,6 +74,10 @@ class CostProfile:
     long_target_seconds: tuple[float, ...] = ()
     long_draft_seconds: tuple[float, ...] = ()
     long_context: int = 0
+    batch_rows: tuple[int, ...] = ()  # a pass over batch_rows[i] new rows took batch_seconds[i] (empty: not measured)
+    batch_seconds: tuple[float, ...] = ()
+    batch_sequences: tuple[int, ...] = ()  # ... over batch_sequences[i] sequences, a row each: sequence_seconds[i]
+    sequence_seconds: tuple[float, ...] = ()
 
     @property
     def max_length(self) -> int:
@@ -78,6 +94,43 @@ class CostProfile:
         share = max(0.0, (context - self.context) / (self.long_context - self.context))
         return max(short + share * (long - short), 0.5 * min(short, long))
 
+    def pass_seconds(self, rows: int, sequences: int = 1) -> float:
+        """A target pass over `rows` new rows of `sequences` sequences: rows(R) + sequences(S) − rows(S),
+        each on the line through the two measured counts around it (beyond the largest, the last two's)."""
+        if not self.batch_rows:
+            raise InvalidInputError("this cost profile has no batched passes measured")
+        seconds = _on_the_line(self.batch_rows, self.batch_seconds, rows)
+        if sequences > 1 and self.batch_sequences:
+            seconds += (_on_the_line(self.batch_sequences, self.sequence_seconds, sequences)
+                        - _on_the_line(self.batch_rows, self.batch_seconds, sequences))
+        return seconds
+
+
+def _on_the_line(counts: tuple[int, ...], seconds: tuple[float, ...], count: int) -> float:
+    if count <= counts[0]:
+        return seconds[0]
+    upper = next((i for i, c in enumerate(counts) if c >= count), len(counts) - 1)
+    lower = max(upper - 1, 0)
+    if upper == lower:
+        return seconds[upper]
+    slope = (seconds[upper] - seconds[lower]) / (counts[upper] - counts[lower])
+    return seconds[lower] + slope * (count - counts[lower])
+
+
+BATCH_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the row counts a batched pass is timed over (64: FEW_QUERIES) ...
+BATCH_SEQUENCES = (1, 2, 4, 8, 16)  # ... and the counts of sequences (a scheduler's batch: up to its max_batch)
+
+
+@dataclass(frozen=True)
+class BatchLoad:
+    """What the rest of a batched pass brings, as the scheduler measured it over the last steps: its rows in
+    the pass, the tokens it is expected to emit, and its seconds outside the pass (drafting, selection)."""
+
+    rows: int
+    tokens: float
+    seconds: float
+    sequences: int = 1
+
 
 # The long context a profile is also measured on (or half the model's context, if less): long enough that
 # reading the cache costs a step what it costs at the contexts where it matters (~0.4 of a step here).
@@ -92,12 +145,69 @@ def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context:
     shared: the minimum is the cost, the rest is noise). The drafter proposes as in decoding: one new text
     token before each proposal."""
     short = _measure_at(target, drafter, max_length, context, repeats)
+    counts = tuple(rows for rows in BATCH_ROWS if context + rows <= target.config.context_length)
+    batch = (counts, _measure_rows(target, context, counts, repeats), BATCH_SEQUENCES,
+             _measure_sequences(target, context, BATCH_SEQUENCES, repeats))
     draft_config = getattr(getattr(drafter, "lm", None), "config", None)  # a draft model's own context, if any
     long = min(long_context or 0, target.config.context_length // 2,
                getattr(draft_config, "context_length", target.config.context_length) // 2)
     if long <= 2 * context:
-        return CostProfile(*short, description, context)
-    return CostProfile(*short, description, context, *_measure_at(target, drafter, max_length, long, repeats), long)
+        return CostProfile(*short, description, context, (), (), 0, *batch)
+    return CostProfile(*short, description, context, *_measure_at(target, drafter, max_length, long, repeats), long,
+                       *batch)
+
+
+def _measure_rows(target, context: int, row_counts: tuple[int, ...], repeats: int) -> tuple[float, ...]:
+    """The target over each count of new rows (causal, one row's logits) after `context` cached tokens."""
+    vocab = target.config.vocab_size
+    text = [(5 * i + 1) % vocab for i in range(context + max(row_counts))]
+    cache = target.new_cache(len(text))
+    no_rows = torch.tensor([], dtype=torch.long)
+    target.forward(torch.tensor([text[:context]]), torch.arange(context), cache, logit_indices=no_rows)
+    seconds = []
+    for rows in row_counts:
+        tokens, positions = torch.tensor([text[context : context + rows]]), torch.arange(context, context + rows)
+        best = float("inf")
+        for repeat in range(repeats + 1):  # the first call warms this shape up and is not counted
+            start = time.perf_counter()
+            target.forward(tokens, positions, cache, logit_indices=torch.tensor([0]))
+            if repeat:
+                best = min(best, time.perf_counter() - start)
+            cache.truncate(context)
+        seconds.append(best)
+    return tuple(_rising(seconds))
+
+
+def _measure_sequences(target, context: int, counts: tuple[int, ...], repeats: int) -> tuple[float, ...]:
+    """The target over each count of sequences, one new row each after `context` cached tokens of its own: in
+    one batched pass where the target has one (forward_batch), else one after another (as a scheduler runs them)."""
+    from spectr.models.llama import BatchItem
+
+    vocab = target.config.vocab_size
+    caches = [target.new_cache(context + 1) for _ in range(max(counts))]
+    no_rows = torch.tensor([], dtype=torch.long)
+    for i, cache in enumerate(caches):
+        text = [(3 * j + i) % vocab for j in range(context)]
+        target.forward(torch.tensor([text]), torch.arange(context), cache, logit_indices=no_rows)
+    batched = getattr(target, "forward_batch", None)
+    root, position, first = torch.tensor([1]), torch.tensor([context]), torch.tensor([0])
+    seconds = []
+    for count in counts:
+        items = [BatchItem(root, position, cache, None, first) for cache in caches[:count]]
+        best = float("inf")
+        for repeat in range(repeats + 1):
+            start = time.perf_counter()
+            if batched is not None:
+                batched(items)
+            else:
+                for item in items:
+                    target.forward(item.tokens[None], item.positions, item.cache, logit_indices=first)
+            if repeat:
+                best = min(best, time.perf_counter() - start)
+            for cache in caches[:count]:
+                cache.truncate(context)
+        seconds.append(best)
+    return tuple(_rising(seconds))
 
 
 def _measure_at(target, drafter, max_length: int, context: int, repeats: int) -> tuple[tuple, tuple]:
@@ -211,13 +321,20 @@ class PathPlanner:
             total += reach
         return total
 
-    def best_length(self, context: int | None = None) -> int:
-        rates = [self.expected_tokens(n) / self.profile.step_seconds(n, context) for n in range(self.max_length + 1)]
+    def best_length(self, context: int | None = None, load: BatchLoad | None = None) -> int:
+        profile = self.profile
+        if load is None or not profile.batch_rows:
+            rates = [self.expected_tokens(n) / profile.step_seconds(n, context) for n in range(self.max_length + 1)]
+        else:  # the batch's rate: this sequence's own seconds (drafting, its long context) beside the pass
+            rates = [(load.tokens + self.expected_tokens(n)) /
+                     (load.seconds + profile.step_seconds(n, context) - profile.target_seconds[n]
+                      + profile.pass_seconds(load.rows + 1 + n, load.sequences + 1)) for n in range(self.max_length + 1)]
         return max(range(len(rates)), key=lambda n: (rates[n], -n))  # ties: the shorter
 
-    def choose(self, context: int | None = None) -> int:
-        """This step's path length, for a step over `context` tokens of text."""
-        length = self.best_length(context)
+    def choose(self, context: int | None = None, load: BatchLoad | None = None) -> int:
+        """This step's path length, for a step over `context` tokens of text, in a batched pass beside `load`
+        (None: a pass of its own)."""
+        length = self.best_length(context, load)
         if length:  # drafting pays: look again soon once it stops paying
             self.explore_after = EXPLORE_EVERY
         else:

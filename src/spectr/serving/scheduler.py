@@ -8,6 +8,13 @@ own drafter, sampling parameters and random generator; one batched target pass
 (decoding.Generation). The pass gives each sequence the same bits as a pass of its own, so a generation's
 law -- and, seeded, its very tokens -- are those it would have alone.
 
+Under load speculation adapts: a generation of tree 'auto' chooses each step's path by the batch's rate,
+not its own (planner.py), given what the rest of its pass brought over the last steps -- rows, tokens
+emitted per step, seconds of their own outside the pass (measured here). Rows cost the same whoever brings
+them, so once the batch keeps the machine busy drafting stops paying and the steps turn plain. Seeded
+generations are left to choose as they would alone, so that they still give the very tokens they would
+alone; fixed shapes (k, L asked for) are kept as asked.
+
 A generation that fails (bad input, a context overflow) gets its error; the others go on.
 """
 
@@ -21,11 +28,13 @@ import time
 from spectr import api
 from spectr.decoding import Generation, TargetPass
 from spectr.errors import InvalidInputError
+from spectr.planner import BatchLoad
 from spectr.settings import GenerationSettings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 8  # generations a pass serves (the server's max_concurrency sets it there)
+LOAD_HORIZON = 4.0  # steps a generation's measured load (tokens per step) remembers, as an exponential average
 
 
 @dataclass
@@ -39,6 +48,15 @@ class _Request:
     chunks: api.Chunks | None = None
     prefill: Iterator[int] | None = None
     done: bool = False
+    # What it brought to its last passes (BatchLoad's terms): rows, tokens emitted a step, own seconds a step
+    rows: int = 1
+    tokens: float = 1.0
+    seconds: float = 0.0
+
+    @property
+    def adapts(self) -> bool:
+        """Whether its steps choose by the batch's load: tree 'auto', and no seed to reproduce."""
+        return self.decoder.planner is not None and self.settings.seed is None
 
 
 class Scheduler:
@@ -136,33 +154,47 @@ class Scheduler:
             return False
 
     def _step(self, running: list[_Request]) -> None:
-        passes: list[tuple[_Request, TargetPass]] = []
-        for request in running:
-            holder = []
-            if self._guard(request, lambda: holder.append(request.generation.prepare())):
-                passes.append((request, holder[0]))
         groups: dict[tuple, list] = {}  # by the layers their drafts read (one pass captures one set)
-        for request, target_pass in passes:
-            groups.setdefault(tuple(request.decoder._capture), []).append((request, target_pass))
-        for capture, group in groups.items():
+        for request in running:
+            groups.setdefault(tuple(request.decoder._capture), []).append(request)
+        for capture, requests in groups.items():
+            self._step_group(capture, requests)
+
+    def _step_group(self, capture: tuple, requests: list[_Request]) -> None:
+        rows, tokens, seconds = (sum(getattr(r, name) for r in requests) for name in ("rows", "tokens", "seconds"))
+        group: list[tuple[_Request, TargetPass]] = []
+        for request in requests:
+            holder = []
+            load = (BatchLoad(rows - request.rows, tokens - request.tokens, seconds - request.seconds,
+                              len(requests) - 1) if request.adapts and len(requests) > 1 else None)
             started = time.perf_counter()
-            outs = self._verify(capture, group)
-            seconds = time.perf_counter() - started
-            self.passes += 1
-            self.sequences += len(group)
-            if self.on_pass is not None:
-                self.on_pass(len(group))
-            for (request, _), out in zip(group, outs):
-                if out is None:
-                    continue  # its error is with its consumer
+            if self._guard(request, lambda: holder.append(request.generation.prepare(load))):
+                request.seconds = time.perf_counter() - started
+                request.rows = holder[0].tokens.shape[0]
+                group.append((request, holder[0]))
+        if not group:
+            return
+        started = time.perf_counter()
+        outs = self._verify(capture, group)
+        verify_seconds = time.perf_counter() - started
+        self.passes += 1
+        self.sequences += len(group)
+        if self.on_pass is not None:
+            self.on_pass(len(group))
+        for (request, _), out in zip(group, outs):
+            if out is None:
+                continue  # its error is with its consumer
 
-                def complete(request=request, out=out):
-                    step = request.generation.complete(out, seconds)
-                    chunk = request.chunks.add(step, request.decoder.prefill_seconds)
-                    request.outbox.put(chunk)
-                    request.done = chunk.finished
+            def complete(request=request, out=out):
+                started = time.perf_counter()
+                step = request.generation.complete(out, verify_seconds)
+                chunk = request.chunks.add(step, request.decoder.prefill_seconds)
+                request.outbox.put(chunk)
+                request.done = chunk.finished
+                request.seconds += time.perf_counter() - started
+                request.tokens += (len(step.emitted) - request.tokens) / LOAD_HORIZON
 
-                self._guard(request, complete)
+            self._guard(request, complete)
 
     def _verify(self, capture: tuple, group: list) -> list:
         """The target's outputs over every pass of the group: in one batched pass where the forward has one;
