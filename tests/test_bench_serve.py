@@ -12,7 +12,7 @@ def test_a_load_test_counts_every_outcome(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny", chat=True)
     out = tmp_path / "serve"
     command = ["bench", "serve", "--target", str(folder), "--precision", "fp32", "--draft", "ngram",
-               "--max-concurrency", "2", "--max-queue", "1", "--clients", "1,3", "-k", "2", "-L", "2", "-o", str(out)]
+               "--max-concurrency", "2", "--max-queue", "1", "--clients", "1,3", "--requests", "3", "-k", "2", "-L", "2", "-o", str(out)]
     ran = CliRunner().invoke(app, command)
     assert ran.exit_code == 0, ran.output
     assert {p.name for p in out.iterdir()} == {"serve.json", "serve.md", "serve.png"}

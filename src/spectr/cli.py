@@ -510,6 +510,7 @@ def bench_forward(
 def bench_serve(
     target: str = TARGET, draft: str = DRAFT, precision: str = PRECISION,
     clients: str = typer.Option("1,2,4,8,16", "--clients", help="Levels of concurrent clients."),
+    requests: int = typer.Option(6, "--requests", min=1, help="Requests each client sends, one after another."),
     max_concurrency: int = typer.Option(8, "--max-concurrency", min=1, help="The server's flag."),
     max_queue: int = typer.Option(16, "--max-queue", min=0, help="The server's flag."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="The server's flag."),
@@ -531,11 +532,12 @@ def bench_serve(
     extra = {name: value for name, value in (("k", k), ("L", length)) if value is not None}
     result = serve.run(serve_args, levels, extra, progress=lambda level: typer.echo(
         f"{level['clients']} clients: {level['tokens_per_second']:.1f} tok/s, TTFT p50 {level['ttft_p50']} s, "
-        f"5xx {level['server_errors']}", err=True))
+        f"5xx {level['server_errors']}", err=True), requests=requests)
     output.mkdir(parents=True, exist_ok=True)
     (output / "serve.json").write_text(json.dumps(result, indent=1))
     markdown = serve.render(result, "spectr bench serve " + " ".join(
-        f"--clients {clients} --max-concurrency {max_concurrency}".split() + ([] if batching else ["--no-batching"]) + ([f"-k {k}"] if k else []) + ([f"-L {length}"] if length else [])))
+        f"--clients {clients} --requests {requests} --max-concurrency {max_concurrency}".split()
+        + ([] if batching else ["--no-batching"]) + ([f"-k {k}"] if k else []) + ([f"-L {length}"] if length else [])))
     (output / "serve.md").write_text(markdown + "\n![throughput and time to first token](serve.png)\n")
     serve.plot(result, output / "serve.png")
     typer.echo(markdown)

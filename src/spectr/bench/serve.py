@@ -23,7 +23,7 @@ import httpx
 from spectr.bench.suites import CHAT_PROMPTS
 
 LEVELS = (1, 2, 4, 8, 16)
-REQUESTS_PER_CLIENT = 3
+REQUESTS_PER_CLIENT = 6  # long enough that a level's batch is full most of its time
 LENGTHS = (16, 48, 96)  # max_tokens, cycled over requests
 DISCONNECT_EVERY = 5  # the 5th, 10th, ... request of a level reads two chunks and hangs up
 BAD_EVERY = 7  # the 7th, 14th, ... sends temperature −1 (a 400 is the right answer)
@@ -160,12 +160,12 @@ async def _request(http: httpx.AsyncClient, url: str, model: str, number: int, p
             return
 
 
-async def _level(url: str, model: str, clients: int, extra: dict) -> Level:
+async def _level(url: str, model: str, clients: int, extra: dict, requests: int) -> Level:
     level = Level(clients=clients)
     async with httpx.AsyncClient(timeout=600) as http:
         async def client(index: int) -> None:
-            for request in range(REQUESTS_PER_CLIENT):
-                number = index * REQUESTS_PER_CLIENT + request
+            for request in range(requests):
+                number = index * requests + request
                 await _request(http, url, model, number, CHAT_PROMPTS[number % len(CHAT_PROMPTS)], level, extra)
 
         start = time.perf_counter()
@@ -174,20 +174,21 @@ async def _level(url: str, model: str, clients: int, extra: dict) -> Level:
     return level
 
 
-def run(serve_args: list[str], levels=LEVELS, extra: dict | None = None, progress=None) -> dict:
+def run(serve_args: list[str], levels=LEVELS, extra: dict | None = None, progress=None,
+        requests: int = REQUESTS_PER_CLIENT) -> dict:
     """Start `spectr serve serve_args...`, load it level by level; the results as JSON-ready data."""
     with ServerProcess(serve_args) as server:
         model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
         results = []
         for clients in levels:
-            level = asyncio.run(_level(server.url, model, clients, extra or {}))
+            level = asyncio.run(_level(server.url, model, clients, extra or {}, requests))
             level.rss_mib = round(_rss_mib(server.process.pid), 1)
             results.append(level.summary())
             if progress:
                 progress(results[-1])
         return {"model": model, "serve_args": [_without_path(arg) for arg in serve_args], "extra": extra or {},
                 "startup": {"listening_seconds": round(server.listening, 2), "ready_seconds": round(server.ready, 2)},
-                "cpus": os.cpu_count(), "levels": results}
+                "cpus": os.cpu_count(), "requests_per_client": requests, "levels": results}
 
 
 def _without_path(arg: str) -> str:
@@ -207,7 +208,7 @@ def render(result: dict, command: str) -> str:
     startup = result["startup"]
     return (f"# Serving under load\n\nProduced by `{command}` on {result['cpus']} CPUs; model "
             f"{result['model']}, server flags `{' '.join(result['serve_args']) or '(defaults)'}`, request extras "
-            f"{result['extra'] or '(none)'}. Each client sends {REQUESTS_PER_CLIENT} streamed chat requests in "
+            f"{result['extra'] or '(none)'}. Each client sends {result.get('requests_per_client', REQUESTS_PER_CLIENT)} streamed chat requests in "
             f"turn (max_tokens cycling {', '.join(map(str, LENGTHS))}); every {DISCONNECT_EVERY}th hangs up after "
             f"two chunks, every {BAD_EVERY}th is a bad request.\n\nStart-up: /health answers after "
             f"{startup['listening_seconds']} s, ready after {startup['ready_seconds']} s.\n\n" + "\n".join(rows) + "\n")
