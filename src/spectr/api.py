@@ -50,7 +50,7 @@ class Engine:
 
     def cost_profile(self, max_length: int = MAX_AUTO_LENGTH, refresh: bool = False) -> CostProfile:
         """What a step costs here (planner.py), for tree 'auto': measured once per machine, model, draft and
-        thread count (~1 s), then read from spectr's cache folder."""
+        thread count (~6 s here, most of it the long context), then read from spectr's cache folder."""
         slot = (max_length, torch.get_num_threads())  # the machine itself does not change under a process
         if refresh or slot not in self._profiles:
             from spectr import __version__

@@ -146,8 +146,9 @@ def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context:
     token before each proposal."""
     short = _measure_at(target, drafter, max_length, context, repeats)
     counts = tuple(rows for rows in BATCH_ROWS if context + rows <= target.config.context_length)
-    batch = (counts, _measure_rows(target, context, counts, repeats), BATCH_SEQUENCES,
-             _measure_sequences(target, context, BATCH_SEQUENCES, repeats))
+    few = max(1, repeats // 2)  # the batch's shapes are long passes: fewer repeats keep the profile's time down
+    batch = (counts, _measure_rows(target, context, counts, few), BATCH_SEQUENCES,
+             _measure_sequences(target, context, BATCH_SEQUENCES, few))
     draft_config = getattr(getattr(drafter, "lm", None), "config", None)  # a draft model's own context, if any
     long = min(long_context or 0, target.config.context_length // 2,
                getattr(draft_config, "context_length", target.config.context_length) // 2)
@@ -183,12 +184,14 @@ def _measure_sequences(target, context: int, counts: tuple[int, ...], repeats: i
     one batched pass where the target has one (forward_batch), else one after another (as a scheduler runs them)."""
     from spectr.models.llama import BatchItem
 
+    import copy
+
     vocab = target.config.vocab_size
-    caches = [target.new_cache(context + 1) for _ in range(max(counts))]
+    first_cache = target.new_cache(context + 1)
+    text = [(3 * j + 1) % vocab for j in range(context)]
     no_rows = torch.tensor([], dtype=torch.long)
-    for i, cache in enumerate(caches):
-        text = [(3 * j + i) % vocab for j in range(context)]
-        target.forward(torch.tensor([text]), torch.arange(context), cache, logit_indices=no_rows)
+    target.forward(torch.tensor([text]), torch.arange(context), first_cache, logit_indices=no_rows)
+    caches = [first_cache] + [copy.deepcopy(first_cache) for _ in range(max(counts) - 1)]  # each its own memory
     batched = getattr(target, "forward_batch", None)
     root, position, first = torch.tensor([1]), torch.tensor([context]), torch.tensor([0])
     seconds = []
