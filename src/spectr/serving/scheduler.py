@@ -9,8 +9,8 @@ own drafter, sampling parameters and random generator; one batched target pass
 law -- and, seeded, its very tokens -- are those it would have alone.
 
 Under load speculation adapts: a generation of tree 'auto' chooses each step's path by the batch's rate,
-not its own (planner.py), given what the rest of its pass brought over the last steps -- rows, tokens
-emitted per step, seconds of their own outside the pass (measured here). Rows cost the same whoever brings
+not its own (planner.py), given what the rest of its pass brought over the last steps -- sequences, rows,
+tokens emitted per step, seconds of their own outside the pass (measured here). Rows cost the same whoever brings
 them, so once the batch keeps the machine busy drafting stops paying and the steps turn plain. Seeded
 generations are left to choose as they would alone, so that they still give the very tokens they would
 alone; fixed shapes (k, L asked for) are kept as asked.
