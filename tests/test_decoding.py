@@ -263,3 +263,39 @@ def test_the_head_runs_only_on_rows_the_walk_reads_and_samples_the_same(hf_targe
         assert lazy == eager
     else:
         assert len(eager) == len(lazy) == 24
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_judged_path_has_its_rows_with_the_pass_and_its_last_row_only_when_kept(hf_target, close_draft, precision):
+    """Block verification reads p before every path token whatever it draws: those rows come with the
+    target's pass (the LM head reads its weight once for all), and the head runs after the pass only for
+    the last row of a path kept whole (its bonus token). The tokens equal the all-rows computation's on the
+    row-invariant kernels."""
+    target = native_forward(hf_target, precision)
+    settings, params = DecodeSettings(method="sd", rule="block", length=3), SamplingParams(temperature=1.0)
+    asked, after = [], []
+    forward, real_head = target.forward, target.logits
+
+    class Recording:
+        config, logits = target.config, staticmethod(lambda hidden: (after.append(hidden.shape[0]), real_head(hidden))[1])
+
+        def __getattr__(self, name):
+            return getattr(target, name)
+
+        def forward(self, tokens, positions, cache, attention_mask=None, logit_indices=None, **kwargs):
+            asked.append((tokens.shape[1], None if logit_indices is None else logit_indices.tolist()))
+            return forward(tokens, positions, cache, attention_mask, logit_indices, **kwargs)
+
+    decoder = Decoder(Recording(), ModelDrafter(close_draft), settings, params)
+    steps = list(decoder.stream(PROMPT, 30, torch.Generator().manual_seed(5)))
+    passes = [rows for tokens, rows in asked if tokens == 4]  # the steps' passes: the root and 3 path tokens
+    assert len(passes) == len(steps) and all(rows == [0, 1, 2] for rows in passes)
+    whole = sum(step.accepted == 3 and len(step.emitted) == 4 for step in steps)
+    # (the last step may be cut at max_new_tokens after its bonus row was read)
+    assert set(after) <= {1} and whole <= len(after) <= whole + 1
+    assert whole > 0 and any(step.accepted < 3 for step in steps)
+    eager_decoder = Decoder(target, ModelDrafter(close_draft), settings, params)
+    eager_decoder._head = None  # all rows inside forward
+    eager = [t for step in eager_decoder.stream(PROMPT, 30, torch.Generator().manual_seed(5)) for t in step.emitted]
+    if precision == "int4" and target.fused:
+        assert [t for step in steps for t in step.emitted] == eager

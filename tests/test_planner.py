@@ -115,6 +115,24 @@ def test_under_load_the_batch_rate_decides():
     assert PathPlanner(CHEAP_TREES, 6).best_length(load=busy) == PathPlanner(CHEAP_TREES, 6).best_length()
 
 
+def test_a_path_kept_whole_pays_for_its_last_row():
+    """The bonus token of a path kept to its end needs its last row's logits after the pass (the LM head alone:
+    head_seconds), paid with the chance Π a_i: a dearer head moves the choice to longer paths (whose end is
+    reached less often), then to plain steps."""
+    from dataclasses import replace
+
+    def best(head_seconds):
+        planner = PathPlanner(replace(CHEAP_TREES, head_seconds=head_seconds), 6)
+        planner.acceptance = [0.35] + [0.2] * 5
+        return planner.best_length()
+
+    assert PathPlanner(CHEAP_TREES, 3).kept_whole(0) == 0
+    planner = PathPlanner(CHEAP_TREES, 3)
+    planner.acceptance = [0.5, 0.4, 0.3]
+    assert planner.kept_whole(2) == pytest.approx(0.2)
+    assert (best(0.0), best(0.0001), best(0.005), best(0.05)) == (1, 1, 2, 0)
+
+
 def test_plain_steps_still_look_at_the_draft_now_and_then():
     """One step in 8 drafts, then one in 16, 32, 64, 64: less often while drafting keeps losing."""
     planner = PathPlanner(DEAR_TREES, 4)
@@ -171,6 +189,7 @@ def test_measured_profile_and_its_cache(models, tmp_path, monkeypatch):
     assert profile.batch_sequences == BATCH_SEQUENCES and len(profile.sequence_seconds) == len(BATCH_SEQUENCES)
     for seconds in (profile.batch_seconds, profile.sequence_seconds):
         assert all(0 < a <= b for a, b in zip(seconds, seconds[1:]))
+    assert profile.head_seconds > 0  # the tiny target runs on spectr's forward: its head is its own
     assert cached_profile("tiny", measure) == profile and len(calls) == 1  # read back, not measured again
     cached_profile("tiny", measure, refresh=True)
     assert len(calls) == 2

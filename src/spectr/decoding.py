@@ -152,13 +152,15 @@ class RowProbs:
     `seconds` is the time spent computing rows."""
 
     def __init__(self, head, hidden: torch.Tensor, params: SamplingParams, tree: DraftTree,
-                 root_logits: torch.Tensor | None = None):
-        """root_logits [1, V]: the root's row, where the target's pass computed it."""
+                 first_logits: torch.Tensor | None = None):
+        """first_logits [m, V]: rows 0 .. m − 1 (the root, and on a judged path the rows before its last
+        token), where the target's pass computed them."""
         self.head, self.hidden, self.params = head, hidden, params  # hidden [n + 1, D]
         self.tree = tree  # its paths, for penalties (a node's law counts the tokens on its path)
         self.rows: dict[int, torch.Tensor] = {}
         self.seconds = 0.0
-        self._root_logits = root_logits
+        self._first_logits = first_logits
+        self._first = 0 if first_logits is None else first_logits.shape[0]
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         """p at rows [row : row + 1] -> [1, V] (the walk reads one row at a time)."""
@@ -168,7 +170,7 @@ class RowProbs:
         if row not in self.rows:
             start = time.perf_counter()
             paths = tree_paths(self.tree, [row]) if self.params.reads_history else None
-            logits = (self._root_logits if row == 0 and self._root_logits is not None
+            logits = (self._first_logits[row : row + 1] if row < self._first
                       else self.head(self.hidden[row : row + 1]))
             self.rows[row] = logits_to_probs(logits, self.params, paths)
             self.seconds += time.perf_counter() - start
@@ -294,6 +296,16 @@ class TargetPass:
 _ROOT = torch.tensor([0])  # the root's row: the walk always reads it, so its logits come with the pass
 
 
+def surely_read_rows(tree: DraftTree, rule: Rule) -> int:
+    """How many leading rows of a verified tree the walk reads whatever it draws: the root's, and on a path
+    judged whole (block verification) the rows before each path token -- they come with the target's pass,
+    where the LM head reads its weight once for all of them (alone, each row would read it again). The
+    rest (accepted nodes, a kept path's last row) are computed as the walk reaches them."""
+    if tree.num_nodes and getattr(rule, "path_level", False) and tree.draft_probs is not None:
+        return tree.paths.shape[1]
+    return 1
+
+
 class Generation:
     """One generation's state between steps, a step in two halves around the target's pass: `prepare`
     drafts and says what the target must run (TargetPass), `complete` takes the pass's output, walks the
@@ -365,7 +377,9 @@ class Generation:
                               None if decoder._head is None else _ROOT)
         tokens = torch.cat([torch.tensor([text[-1]]), tree.tokens])
         positions, mask = tree_positions(tree.parents, cached), tree_attention_mask(tree.parents, cached)
-        return TargetPass(tokens, positions, mask, None if decoder._head is None else _ROOT)
+        first = surely_read_rows(tree, decoder.rule)
+        return TargetPass(tokens, positions, mask,
+                          None if decoder._head is None else _ROOT if first == 1 else torch.arange(first))
 
     def complete(self, out, verify_seconds: float) -> StepStats:
         """The step's end from the target's output over the TargetPass: selection, commits, stats (its emitted
@@ -392,7 +406,7 @@ class Generation:
             paths = tree_paths(tree, list(range(tree.num_nodes + 1))) if law.reads_history else None
             target_probs = logits_to_probs(out.logits[0], law, paths)  # [n + 1, V]
         else:
-            target_probs = lazy = RowProbs(decoder._head, out.hidden[0], law, tree, root_logits=out.logits[0, :1])
+            target_probs = lazy = RowProbs(decoder._head, out.hidden[0], law, tree, first_logits=out.logits[0])
         emitted, path, levels = walk(tree, target_probs, decoder.rule, generator)
         logprobs = None
         if decoder.logprobs is not None:  # each emitted token's law: the root's row, then its accepted parent's

@@ -16,8 +16,10 @@ the step costs on this machine. So `auto` keeps two things:
   exponential average that follows the text's changing difficulty.
 
 Each step it drafts the path length L ∈ {0, …, L_max} that maximises
-    expected tokens / seconds = (1 + Σ_{j ≤ L} Π_{i ≤ j} a_i) / (draft(L) + target(L + 1)),
-where L = 0 is a plain autoregressive step (no draft at all). While plain steps
+    expected tokens / seconds = (1 + Σ_{j ≤ L} Π_{i ≤ j} a_i) / (draft(L) + target(L + 1) + Π_{i ≤ L} a_i · head),
+where L = 0 is a plain autoregressive step (no draft at all), target(L + 1) is timed with the logits of
+the rows the walk always reads (the root's and the path's but the last), and head is the LM head over one
+row alone: a path kept whole needs its last row's logits, for the bonus token, after the pass. While plain steps
 win it still drafts one token now and then — after `EXPLORE_EVERY` plain steps,
 then twice as many each time drafting still loses, up to `EXPLORE_AT_MOST` —
 so that a draft which starts to agree with the target is noticed. Paths are verified by block
@@ -78,6 +80,7 @@ class CostProfile:
     batch_seconds: tuple[float, ...] = ()
     batch_sequences: tuple[int, ...] = ()  # ... over batch_sequences[i] sequences, a row each: sequence_seconds[i]
     sequence_seconds: tuple[float, ...] = ()
+    head_seconds: float = 0.0  # the LM head over one row on its own: a kept path's last row, read after the pass
 
     @property
     def max_length(self) -> int:
@@ -152,10 +155,25 @@ def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context:
     draft_config = getattr(getattr(drafter, "lm", None), "config", None)  # a draft model's own context, if any
     long = min(long_context or 0, target.config.context_length // 2,
                getattr(draft_config, "context_length", target.config.context_length) // 2)
+    head = _measure_head(target, repeats)
     if long <= 2 * context:
-        return CostProfile(*short, description, context, (), (), 0, *batch)
+        return CostProfile(*short, description, context, (), (), 0, *batch, head)
     return CostProfile(*short, description, context, *_measure_at(target, drafter, max_length, long, repeats), long,
-                       *batch)
+                       *batch, head)
+
+
+def _measure_head(target, repeats: int) -> float:
+    """The target's LM head over one row alone (0 where the forward computes every row's logits itself)."""
+    head = getattr(target, "logits", None)
+    if head is None:
+        return 0.0
+    hidden, best = torch.zeros(1, target.config.hidden_size), float("inf")
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        head(hidden)
+        if repeat:
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _measure_rows(target, context: int, row_counts: tuple[int, ...], repeats: int) -> tuple[float, ...]:
@@ -225,9 +243,12 @@ def _measure_at(target, drafter, max_length: int, context: int, repeats: int) ->
         parents = torch.arange(-1, new - 2)  # the root, then a path of new − 1 nodes
         tokens, positions = torch.tensor([text[context : context + new]]), tree_positions(parents, context)
         mask, best = tree_attention_mask(parents, context), float("inf")
+        # The rows whose logits a step's pass computes: the root, and the path's rows but the last (the
+        # walk reads those whatever it draws: decoding.surely_read_rows).
+        rows = torch.arange(max(1, new - 1))
         for repeat in range(repeats + 1):  # the first call warms this shape up and is not counted
             start = time.perf_counter()
-            target.forward(tokens, positions, cache, mask, logit_indices=torch.tensor([0]))
+            target.forward(tokens, positions, cache, mask, logit_indices=rows)
             if repeat:
                 best = min(best, time.perf_counter() - start)
             cache.truncate(context)
@@ -324,13 +345,23 @@ class PathPlanner:
             total += reach
         return total
 
+    def kept_whole(self, length: int) -> float:
+        """Π_{i ≤ L} a_i: the chance a path of this length is kept to its end (then its last row's logits are
+        computed after the pass, for the bonus token: profile.head_seconds)."""
+        chance = 1.0
+        for depth in range(length):
+            chance *= self.acceptance[depth]
+        return chance if length else 0.0
+
     def best_length(self, context: int | None = None, load: BatchLoad | None = None) -> int:
         profile = self.profile
+        after = [self.kept_whole(n) * profile.head_seconds for n in range(self.max_length + 1)]
         if load is None or not profile.batch_rows:
-            rates = [self.expected_tokens(n) / profile.step_seconds(n, context) for n in range(self.max_length + 1)]
+            rates = [self.expected_tokens(n) / (profile.step_seconds(n, context) + after[n])
+                     for n in range(self.max_length + 1)]
         else:  # the batch's rate: this sequence's own seconds (drafting, its long context) beside the pass
             rates = [(load.tokens + self.expected_tokens(n)) /
-                     (load.seconds + profile.step_seconds(n, context) - profile.target_seconds[n]
+                     (load.seconds + profile.step_seconds(n, context) - profile.target_seconds[n] + after[n]
                       + profile.pass_seconds(load.rows + 1 + n, load.sequences + 1)) for n in range(self.max_length + 1)]
         return max(range(len(rates)), key=lambda n: (rates[n], -n))  # ties: the shorter
 
