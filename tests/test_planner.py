@@ -115,6 +115,26 @@ def test_under_load_the_batch_rate_decides():
     assert PathPlanner(CHEAP_TREES, 6).best_length(load=busy) == PathPlanner(CHEAP_TREES, 6).best_length()
 
 
+def test_a_step_costs_its_own_work_beside_the_pass():
+    """The measured work of a step outside the pass and the proposal (selection, the tree's mask, commits)
+    counts in its cost: a path whose bookkeeping costs what it gains is not drafted."""
+    from dataclasses import replace
+
+    planner = PathPlanner(CHEAP_TREES, 6)
+    planner.acceptance = [0.5] * 6
+    assert planner.best_length() > 0
+    assert CHEAP_TREES.step_seconds(2) == pytest.approx(0.011 + 0.002)
+    costly = replace(CHEAP_TREES, overhead_seconds=(0.0003,) + (0.010,) * 6)
+    assert costly.step_seconds(2) == pytest.approx(0.011 + 0.002 + 0.010)
+    assert costly.step_seconds(0) == pytest.approx(0.0103)
+    slow_bookkeeping = PathPlanner(costly, 6)
+    slow_bookkeeping.acceptance = [0.5] * 6
+    assert slow_bookkeeping.best_length() == 0
+    # on a long context the overhead stays what it is (it does not read the cache)
+    long = replace(CHEAPER_DRAFT_LATER, overhead_seconds=(0.001,) * 7)
+    assert long.step_seconds(2, 2048) == pytest.approx(CHEAPER_DRAFT_LATER.step_seconds(2, 2048) + 0.001)
+
+
 def test_a_path_kept_whole_pays_for_its_last_row():
     """The bonus token of a path kept to its end needs its last row's logits after the pass (the LM head alone:
     head_seconds), paid with the chance Π a_i: a dearer head moves the choice to longer paths (whose end is
@@ -190,6 +210,8 @@ def test_measured_profile_and_its_cache(models, tmp_path, monkeypatch):
     for seconds in (profile.batch_seconds, profile.sequence_seconds):
         assert all(0 < a <= b for a, b in zip(seconds, seconds[1:]))
     assert profile.head_seconds > 0  # the tiny target runs on spectr's forward: its head is its own
+    # a step's own work beside the pass, plain and for every path length, measured on a real generation
+    assert len(profile.overhead_seconds) == 4 and all(seconds > 0 for seconds in profile.overhead_seconds)
     assert cached_profile("tiny", measure) == profile and len(calls) == 1  # read back, not measured again
     cached_profile("tiny", measure, refresh=True)
     assert len(calls) == 2

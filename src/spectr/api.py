@@ -57,7 +57,7 @@ class Engine:
             from spectr.checks import machine
 
             key = (f"{self.describe()} | {machine().describe()} | threads {slot[1]} | L {max_length} | "
-                   f"spectr {__version__} | contexts short and long, batched rows and sequences, head")
+                   f"spectr {__version__} | contexts short and long, batched rows and sequences, head, overheads")
             self._profiles[slot] = cached_profile(key, lambda: measure_profile(
                 self.target.lm, self.drafter(), max_length, description=self.describe(paths=False)), refresh)
         return self._profiles[slot]

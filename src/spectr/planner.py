@@ -81,6 +81,10 @@ class CostProfile:
     batch_sequences: tuple[int, ...] = ()  # ... over batch_sequences[i] sequences, a row each: sequence_seconds[i]
     sequence_seconds: tuple[float, ...] = ()
     head_seconds: float = 0.0  # the LM head over one row on its own: a kept path's last row, read after the pass
+    # A step's seconds outside the target's pass, the draft's proposal and that last row, by path length L =
+    # 0, 1, ...: its tree's positions and mask, selection, commits, the draft told the kept tokens (empty:
+    # not measured)
+    overhead_seconds: tuple[float, ...] = ()
 
     @property
     def max_length(self) -> int:
@@ -91,9 +95,12 @@ class CostProfile:
         a context of `context` tokens (None: the short one measured). Between and beyond the two contexts
         measured, on the line through them (attention's cost grows with the context it reads)."""
         short = self.target_seconds[length] + (self.draft_seconds[length - 1] if length else 0.0)
+        if length < len(self.overhead_seconds):
+            short += self.overhead_seconds[length]
         if context is None or not self.long_context or len(self.long_target_seconds) <= length:
             return short
-        long = self.long_target_seconds[length] + (self.long_draft_seconds[length - 1] if length else 0.0)
+        long = (self.long_target_seconds[length] + (self.long_draft_seconds[length - 1] if length else 0.0)
+                + short - self.target_seconds[length] - (self.draft_seconds[length - 1] if length else 0.0))
         share = max(0.0, (context - self.context) / (self.long_context - self.context))
         return max(short + share * (long - short), 0.5 * min(short, long))
 
@@ -156,10 +163,46 @@ def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context:
     long = min(long_context or 0, target.config.context_length // 2,
                getattr(draft_config, "context_length", target.config.context_length) // 2)
     head = _measure_head(target, repeats)
+    overheads = _measure_overheads(target, drafter, max_length, context, repeats) if drafter is not None else ()
     if long <= 2 * context:
-        return CostProfile(*short, description, context, (), (), 0, *batch, head)
+        return CostProfile(*short, description, context, (), (), 0, *batch, head, overheads)
     return CostProfile(*short, description, context, *_measure_at(target, drafter, max_length, long, repeats), long,
-                       *batch, head)
+                       *batch, head, overheads)
+
+
+def _measure_overheads(target, drafter, max_length: int, context: int, repeats: int) -> tuple[float, ...]:
+    """Each path length's step outside the target's pass, the proposal and a kept path's last row, on a real
+    generation (decoding.Generation) over `context` tokens: L = 0 a plain step, else a path by block
+    verification, as 'auto' runs it. The fastest of `repeats` steps each."""
+    from spectr.decoding import Decoder, DecodeSettings
+
+    vocab = target.config.vocab_size
+    prompt = [(11 * i + 5) % vocab for i in range(context)]
+    params, seconds = SamplingParams(temperature=1.0), []
+    for length in range(max_length + 1):
+        settings = (DecodeSettings(method="ar") if length == 0
+                    else DecodeSettings(method="sd", rule="block", length=length, tree="iid"))
+        decoder = Decoder(target, drafter if length else None, settings, params)
+        generation = decoder.start(prompt, (repeats + 1) * (length + 1), torch.Generator().manual_seed(length))
+        for _ in generation.prefill():
+            pass
+        best = float("inf")
+        for repeat in range(repeats + 1):
+            if generation.finished:
+                break
+            start = time.perf_counter()
+            target_pass = generation.prepare()
+            passing = time.perf_counter()
+            out = target.forward(target_pass.tokens[None], target_pass.positions, generation.cache,
+                                 **target_pass.options(decoder._capture_kwargs))
+            passed = time.perf_counter()
+            step = generation.complete(out, passed - passing)
+            # step.verify_seconds: the pass and any row computed after it; step.draft_seconds: the proposal
+            outside = time.perf_counter() - start - step.verify_seconds - step.draft_seconds
+            if repeat:
+                best = min(best, max(outside, 0.0))
+        seconds.append(best if best < float("inf") else 0.0)
+    return tuple(seconds)
 
 
 def _measure_head(target, repeats: int) -> float:
