@@ -25,7 +25,7 @@ from spectr.processing import SamplingParams, TokenHistory, TokenLogprob, logits
 from spectr.rules import RULES, Rule
 from spectr.sampling import sample_categorical
 from spectr.tree import DraftTree, tree_attention_mask, tree_positions
-from spectr.walk import walk
+from spectr.walk import judges_path, walk
 
 METHODS = ("ar", "sd", "spectr")
 # "iid": k drafts of L tokens sampled i.i.d. and merged (SpecTr); "dynamic": the `budget` nodes the draft is
@@ -301,9 +301,7 @@ def surely_read_rows(tree: DraftTree, rule: Rule) -> int:
     judged whole (block verification) the rows before each path token -- they come with the target's pass,
     where the LM head reads its weight once for all of them (alone, each row would read it again). The
     rest (accepted nodes, a kept path's last row) are computed as the walk reaches them."""
-    if tree.num_nodes and getattr(rule, "path_level", False) and tree.draft_probs is not None:
-        return tree.paths.shape[1]
-    return 1
+    return tree.paths.shape[1] if judges_path(tree, rule) else 1
 
 
 class Generation:

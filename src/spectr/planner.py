@@ -44,9 +44,9 @@ text (which is why a scheduler gives seeded generations no load: they choose as 
 
 from collections import Counter
 from dataclasses import asdict, dataclass
+import copy
 import hashlib
 import json
-from pathlib import Path
 import time
 
 import torch
@@ -94,13 +94,11 @@ class CostProfile:
         """A step that drafts `length` tokens (0: a plain step): drafting plus verifying root and path, over
         a context of `context` tokens (None: the short one measured). Between and beyond the two contexts
         measured, on the line through them (attention's cost grows with the context it reads)."""
-        short = self.target_seconds[length] + (self.draft_seconds[length - 1] if length else 0.0)
-        if length < len(self.overhead_seconds):
-            short += self.overhead_seconds[length]
+        overhead = self.overhead_seconds[length] if length < len(self.overhead_seconds) else 0.0  # any context
+        short = self.target_seconds[length] + (self.draft_seconds[length - 1] if length else 0.0) + overhead
         if context is None or not self.long_context or len(self.long_target_seconds) <= length:
             return short
-        long = (self.long_target_seconds[length] + (self.long_draft_seconds[length - 1] if length else 0.0)
-                + short - self.target_seconds[length] - (self.draft_seconds[length - 1] if length else 0.0))
+        long = self.long_target_seconds[length] + (self.long_draft_seconds[length - 1] if length else 0.0) + overhead
         share = max(0.0, (context - self.context) / (self.long_context - self.context))
         return max(short + share * (long - short), 0.5 * min(short, long))
 
@@ -164,10 +162,26 @@ def measure_profile(target, drafter, max_length: int = MAX_AUTO_LENGTH, context:
                getattr(draft_config, "context_length", target.config.context_length) // 2)
     head = _measure_head(target, repeats)
     overheads = _measure_overheads(target, drafter, max_length, context, repeats) if drafter is not None else ()
+    measured = dict(batch_rows=batch[0], batch_seconds=batch[1], batch_sequences=batch[2], sequence_seconds=batch[3],
+                    head_seconds=head, overhead_seconds=overheads)
     if long <= 2 * context:
-        return CostProfile(*short, description, context, (), (), 0, *batch, head, overheads)
-    return CostProfile(*short, description, context, *_measure_at(target, drafter, max_length, long, repeats), long,
-                       *batch, head, overheads)
+        return CostProfile(*short, description, context, **measured)
+    long_target, long_draft = _measure_at(target, drafter, max_length, long, repeats)
+    return CostProfile(*short, description, context, long_target, long_draft, long, **measured)
+
+
+def _fastest(run, repeats: int, after=None) -> float:
+    """The fastest of `repeats` timed calls of run(), after one untimed call that warms its shape up; after():
+    untimed clean-up following every call (a cache truncated back)."""
+    best = float("inf")
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        run()
+        if repeat:
+            best = min(best, time.perf_counter() - start)
+        if after is not None:
+            after()
+    return best
 
 
 def _measure_overheads(target, drafter, max_length: int, context: int, repeats: int) -> tuple[float, ...]:
@@ -210,13 +224,8 @@ def _measure_head(target, repeats: int) -> float:
     head = getattr(target, "logits", None)
     if head is None:
         return 0.0
-    hidden, best = torch.zeros(1, target.config.hidden_size), float("inf")
-    for repeat in range(repeats + 1):
-        start = time.perf_counter()
-        head(hidden)
-        if repeat:
-            best = min(best, time.perf_counter() - start)
-    return best
+    hidden = torch.zeros(1, target.config.hidden_size)
+    return _fastest(lambda: head(hidden), repeats)
 
 
 def _measure_rows(target, context: int, row_counts: tuple[int, ...], repeats: int) -> tuple[float, ...]:
@@ -226,17 +235,11 @@ def _measure_rows(target, context: int, row_counts: tuple[int, ...], repeats: in
     cache = target.new_cache(len(text))
     no_rows = torch.tensor([], dtype=torch.long)
     target.forward(torch.tensor([text[:context]]), torch.arange(context), cache, logit_indices=no_rows)
-    seconds = []
+    first, seconds = torch.tensor([0]), []
     for rows in row_counts:
         tokens, positions = torch.tensor([text[context : context + rows]]), torch.arange(context, context + rows)
-        best = float("inf")
-        for repeat in range(repeats + 1):  # the first call warms this shape up and is not counted
-            start = time.perf_counter()
-            target.forward(tokens, positions, cache, logit_indices=torch.tensor([0]))
-            if repeat:
-                best = min(best, time.perf_counter() - start)
-            cache.truncate(context)
-        seconds.append(best)
+        seconds.append(_fastest(lambda: target.forward(tokens, positions, cache, logit_indices=first), repeats,
+                                lambda: cache.truncate(context)))
     return tuple(_rising(seconds))
 
 
@@ -244,8 +247,6 @@ def _measure_sequences(target, context: int, counts: tuple[int, ...], repeats: i
     """The target over each count of sequences, one new row each after `context` cached tokens of its own: in
     one batched pass where the target has one (forward_batch), else one after another (as a scheduler runs them)."""
     from spectr.models.llama import BatchItem
-
-    import copy
 
     vocab = target.config.vocab_size
     first_cache = target.new_cache(context + 1)
@@ -255,22 +256,19 @@ def _measure_sequences(target, context: int, counts: tuple[int, ...], repeats: i
     caches = [first_cache] + [copy.deepcopy(first_cache) for _ in range(max(counts) - 1)]  # each its own memory
     batched = getattr(target, "forward_batch", None)
     root, position, first = torch.tensor([1]), torch.tensor([context]), torch.tensor([0])
+    def one_after_another(items):
+        for item in items:
+            target.forward(item.tokens[None], item.positions, item.cache, logit_indices=first)
+
+    def truncate(items):
+        for item in items:
+            item.cache.truncate(context)
+
+    run = batched if batched is not None else one_after_another
     seconds = []
     for count in counts:
         items = [BatchItem(root, position, cache, None, first) for cache in caches[:count]]
-        best = float("inf")
-        for repeat in range(repeats + 1):
-            start = time.perf_counter()
-            if batched is not None:
-                batched(items)
-            else:
-                for item in items:
-                    target.forward(item.tokens[None], item.positions, item.cache, logit_indices=first)
-            if repeat:
-                best = min(best, time.perf_counter() - start)
-            for cache in caches[:count]:
-                cache.truncate(context)
-        seconds.append(best)
+        seconds.append(_fastest(lambda: run(items), repeats, lambda: truncate(items)))
     return tuple(_rising(seconds))
 
 
@@ -285,17 +283,12 @@ def _measure_at(target, drafter, max_length: int, context: int, repeats: int) ->
     for new in range(1, max_length + 2):
         parents = torch.arange(-1, new - 2)  # the root, then a path of new − 1 nodes
         tokens, positions = torch.tensor([text[context : context + new]]), tree_positions(parents, context)
-        mask, best = tree_attention_mask(parents, context), float("inf")
+        mask = tree_attention_mask(parents, context)
         # The rows whose logits a step's pass computes: the root, and the path's rows but the last (the
         # walk reads those whatever it draws: decoding.surely_read_rows).
         rows = torch.arange(max(1, new - 1))
-        for repeat in range(repeats + 1):  # the first call warms this shape up and is not counted
-            start = time.perf_counter()
-            target.forward(tokens, positions, cache, mask, logit_indices=rows)
-            if repeat:
-                best = min(best, time.perf_counter() - start)
-            cache.truncate(context)
-        target_seconds.append(best)
+        target_seconds.append(_fastest(lambda: target.forward(tokens, positions, cache, mask, logit_indices=rows),
+                                       repeats, lambda: cache.truncate(context)))
     draft_seconds = []
     if drafter is not None:
         params, generator = SamplingParams(temperature=1.0), torch.Generator().manual_seed(0)
@@ -380,32 +373,34 @@ class PathPlanner:
         self.explore_after = EXPLORE_EVERY
         self.chosen: Counter[int] = Counter()
 
-    def expected_tokens(self, length: int) -> float:
-        """1 + Σ_{j ≤ L} Π_{i ≤ j} a_i: the emitted tokens a step of this length is expected to give."""
-        total, reach = 1.0, 1.0
+    def _reaches(self, length: int) -> list[float]:
+        """Π_{i ≤ j} a_i for j = 1 .. L: the chance the walk keeps the path to depth j."""
+        reaches, reach = [], 1.0
         for depth in range(length):
             reach *= self.acceptance[depth]
-            total += reach
-        return total
+            reaches.append(reach)
+        return reaches
+
+    def expected_tokens(self, length: int) -> float:
+        """1 + Σ_{j ≤ L} Π_{i ≤ j} a_i: the emitted tokens a step of this length is expected to give."""
+        return 1.0 + sum(self._reaches(length))
 
     def kept_whole(self, length: int) -> float:
-        """Π_{i ≤ L} a_i: the chance a path of this length is kept to its end (then its last row's logits are
-        computed after the pass, for the bonus token: profile.head_seconds)."""
-        chance = 1.0
-        for depth in range(length):
-            chance *= self.acceptance[depth]
-        return chance if length else 0.0
+        """Π_{i ≤ L} a_i (0 for a plain step): the chance a path of this length is kept to its end (then its
+        last row's logits are computed after the pass, for the bonus token: profile.head_seconds)."""
+        return self._reaches(length)[-1] if length else 0.0
 
     def best_length(self, context: int | None = None, load: BatchLoad | None = None) -> int:
-        profile = self.profile
-        after = [self.kept_whole(n) * profile.head_seconds for n in range(self.max_length + 1)]
+        profile, lengths, reaches = self.profile, range(self.max_length + 1), [0.0] + self._reaches(self.max_length)
+        tokens = [1.0 + sum(reaches[: n + 1]) for n in lengths]
+        # a path kept whole (chance reaches[n]) reads its last row after the pass
+        seconds = [profile.step_seconds(n, context) + reaches[n] * profile.head_seconds for n in lengths]
         if load is None or not profile.batch_rows:
-            rates = [self.expected_tokens(n) / (profile.step_seconds(n, context) + after[n])
-                     for n in range(self.max_length + 1)]
+            rates = [tokens[n] / seconds[n] for n in lengths]
         else:  # the batch's rate: this sequence's own seconds (drafting, its long context) beside the pass
-            rates = [(load.tokens + self.expected_tokens(n)) /
-                     (load.seconds + profile.step_seconds(n, context) - profile.target_seconds[n] + after[n]
-                      + profile.pass_seconds(load.rows + 1 + n, load.sequences + 1)) for n in range(self.max_length + 1)]
+            rates = [(load.tokens + tokens[n]) / (load.seconds + seconds[n] - profile.target_seconds[n]
+                                                  + profile.pass_seconds(load.rows + 1 + n, load.sequences + 1))
+                     for n in lengths]
         return max(range(len(rates)), key=lambda n: (rates[n], -n))  # ties: the shorter
 
     def choose(self, context: int | None = None, load: BatchLoad | None = None) -> int:

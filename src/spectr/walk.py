@@ -38,7 +38,8 @@ def _choice_inputs(tree: DraftTree, context: int, rule: Rule) -> Tensor | None:
     return rule.tree_candidates(candidates) if candidates.numel() else None
 
 
-def _judges_path(tree: DraftTree, rule: Rule) -> bool:
+def judges_path(tree: DraftTree, rule: Rule) -> bool:
+    """Whether the walk hands this tree to a path-level rule whole (block verification of one draft path)."""
     if not getattr(rule, "path_level", False) or tree.draft_probs is None or tree.num_nodes == 0:
         return False
     if tree.paths.shape[0] != 1:
@@ -82,7 +83,7 @@ def walk(
 
     Returns (emitted tokens, accepted path of nodes, candidates seen per level).
     """
-    if _judges_path(tree, rule):
+    if judges_path(tree, rule):
         return _walk_path(tree, target_probs, rule, generator)
     context, path, emitted, levels = -1, [], [], []
     while True:
@@ -107,7 +108,7 @@ def walk(
 def walk_law(tree: DraftTree, target_probs: Tensor, rule: Rule) -> dict[tuple[int, ...], float]:
     """Exact law of the tokens `walk` emits: {emitted tokens: probability}."""
     law: dict[tuple[int, ...], float] = {}
-    if _judges_path(tree, rule):
+    if judges_path(tree, rule):
         return _path_law(tree, target_probs, rule)
 
     def visit(context: int, prefix: tuple[int, ...], weight: float) -> None:
