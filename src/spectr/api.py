@@ -55,9 +55,10 @@ class Engine:
         if refresh or slot not in self._profiles:
             from spectr import __version__
             from spectr.checks import machine
+            from spectr.models import kernels
 
             key = (f"{self.describe()} | {machine().describe()} | threads {slot[1]} | L {max_length} | "
-                   f"spectr {__version__} | contexts short and long, batched rows and sequences, head, overheads")
+                   f"spectr {__version__} | kernels {kernels.source_digest()} | contexts short and long, batched rows and sequences, head, overheads")
             self._profiles[slot] = cached_profile(key, lambda: measure_profile(
                 self.target.lm, self.drafter(), max_length, description=self.describe(paths=False)), refresh)
         return self._profiles[slot]

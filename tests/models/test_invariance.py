@@ -17,7 +17,7 @@ from spectr.models import kernels
 from spectr.models.gguf import GGUFModel
 from spectr.models.loading import gguf_forward, resolve_source
 from spectr.models.quantize import BlockLinear, Int4Linear
-from tests.models.test_gguf import _Blocks
+from tests.models.test_gguf import _Blocks, kernel_law
 
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="spectr's kernels are not built here")
@@ -99,23 +99,23 @@ def other_library(request, tmp_path_factory):
 
 
 # Output counts that are not a multiple of the VNNI path's 16-output groups, so its tail is exercised.
+@pytest.mark.parametrize("activation_bits", [8, 16])
 @pytest.mark.parametrize("kind, shape", [("Q4_1", (90, 576)), ("Q8_0", (70, 160))])
-def test_every_kernel_path_is_row_invariant_and_they_agree(other_library, monkeypatch, kind, shape):
+def test_every_kernel_path_is_row_invariant_and_they_agree(other_library, monkeypatch, kind, shape, activation_bits):
     values = np.random.default_rng(1).normal(size=shape).astype(np.float32)
     weight = _Blocks(kind, quantize(values, GGMLQuantizationType[kind]), shape).stored("w")
     x, bias = torch.randn(11, shape[1]), torch.randn(shape[0])
-    native = BlockLinear(weight, bias)(x)
+    native = BlockLinear(weight, bias, activation_bits)(x)
     monkeypatch.setattr(kernels, "library", lambda: other_library)
-    linear = BlockLinear(weight, bias)
+    linear = BlockLinear(weight, bias, activation_bits)
     alone = torch.cat([linear(x[i : i + 1]) for i in range(11)])
     for rows in (1, 2, 5, 9, 11):
         assert torch.equal(linear(x[:rows]), alone[:rows]), rows
     # Every path quantizes the activations the same way and its integer dots are exact: they differ only
     # in the order of their float sums.
     torch.testing.assert_close(alone, native, rtol=1e-5, atol=2e-5)
-    # int16 activations: each within half a step (max|x| / 65024) of x, ~2e-5 of the largest output here.
-    expected = x.double() @ weight.dequantize().double().T + bias.double()
-    assert (alone.double() - expected).abs().max() <= 1e-4 * expected.abs().max()
+    law = kernel_law(x, weight, bias, activation_bits)
+    assert (alone.double() - law).abs().max() <= 1e-6 * law.abs().max()
 
 
 def test_every_kernel_path_runs_whole_layers_invariantly_and_they_agree(other_library, monkeypatch):

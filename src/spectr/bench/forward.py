@@ -23,6 +23,7 @@ from spectr.models.llama import LlamaForward
 from spectr.models.gguf import GGUFModel
 from spectr.models.loading import gguf_forward, load_model, load_transformers, native_forward, resolve_source
 from spectr.models.reference import TransformersForward
+from spectr.precisions import PRECISIONS
 
 SAMPLE_TEXT = (
     "Speculative decoding lets a small draft model propose several tokens that a large target model "
@@ -89,7 +90,7 @@ def load_seconds(source: str | None) -> float:
 
 def run(
     source: str | None = None,
-    precisions: tuple[str, ...] = ("native", "fp32", "bf16", "int8", "int4"),
+    precisions: tuple[str, ...] = PRECISIONS,
     context: int = 200,
     new_token_counts: tuple[int, ...] = NEW_TOKEN_COUNTS,
     repeats: int = 20,

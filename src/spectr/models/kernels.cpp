@@ -7,18 +7,21 @@
 // what makes greedy speculative decoding equal greedy decoding at the default precision.
 //
 // Linear: y[r, o] = sum over blocks b of (scale[o,b] * q_w[o,b,:] + offset[o,b]) . x[r,b,:].
-// The activations are quantized per row and block to int16 (q_x = round(x / s), s = max|x| / 32512,
-// a relative error of ~1e-5, far below bf16's 4e-3), so each block's dot with the weight codes is
-// an exact integer sum; the offset term uses the block's exact float sum of x. The weight codes
-// are read once per output row and shared by every row of activations (cheap trees).
+// The activations are quantized per row and block, at the weight's activation_bits: int8 (q_x =
+// round(x / s), s = max|x| / 127: the scheme llama.cpp computes these files with, its Q8 activations)
+// or int16 (s = max|x| / 32512, a relative error of ~1e-5, far below bf16's 4e-3). Either way each
+// block's dot with the weight codes is an exact integer sum; the offset term uses the block's exact
+// float sum of x. The weight codes are read once per output row and shared by every row of
+// activations (cheap trees).
 //
 // Where the CPU has AVX-512 VNNI the weights are repacked at load so that one VNNI instruction
-// multiplies 4 inputs of 16 output rows at once; the int16 activations go in as two int8 halves
-// (q = 256 hi + lo, s = max|x| / 32512 so that hi stays within int8), so the block's integer dot is
-// the same exact sum. The codes of 16 outputs are decoded once per block and shared by every row; a
-// block costs a row 16 integer dot instructions and ~7 others for 16 outputs (the AVX2 path spends ~8
-// on one output). int8 activations alone would halve the dots but move the default target's
-// next-token law by a mean TV of 0.019 (int16: 8e-5). `spectr_kernel_path` names the path a build runs.
+// multiplies 4 inputs of 16 output rows at once. int8 codes go in as they are; int16 ones as two int8
+// halves (q = 256 hi + lo, s = max|x| / 32512 so that hi stays within int8), so the block's integer dot
+// is the same exact sum at twice the instructions. The codes of 16 outputs are decoded once per block
+// and shared by every row; a block costs a row 8 (int8) or 16 (int16) integer dot instructions and ~7
+// others for 16 outputs (the AVX2 path spends ~8 on one output). Measured on the default target: int8
+// moves the next-token law by a mean TV of 0.017 from float32 over the same weights (int16: 1e-4; bf16
+// dense: 0.011) and halves what every row beyond the first costs. `spectr_kernel_path` names the path.
 //
 // Built on first use with the machine's compiler (-march=native) and cached; spectr falls back to
 // torch's kernels where no compiler is found.
@@ -49,6 +52,7 @@ struct BlockWeight {
   const uint8_t* packed;  // spectr_pack's layout
   const float* bias;      // may be null
   int64_t bits, n, k;
+  int64_t activation_bits;  // 16 or 8: how finely its input is quantized (see quantize_block)
 };
 
 struct DecoderLayer {
@@ -135,23 +139,26 @@ Activations activations_in(void* buffer, int64_t rows, int64_t k) {  // buffer: 
   return {buffer, scales, scales + rows * p, reinterpret_cast<int32_t*>(scales + 2 * rows * p), rows, k};
 }
 
-// A row's block of 32 inputs: q = round(x / s) in int16 with s = max|x| / 32512 (= 127 x 256, so that
-// the VNNI path can split q into two int8 halves; every path quantizes the same way, so all agree up to
+// A row's block of 32 inputs: q = round(x / s), held in int16, with s = max|x| / top: 127 for int8
+// activations, 32512 (= 127 x 256, so that the VNNI path can split q into two int8 halves) for int16;
+// every path quantizes the same way, so all agree up to
 // the order of their float sums), and the float sum of x (in input order). Rows are padded with zero
 // blocks up to a whole group (their scales are 0; see quantize_team).
 constexpr float WIDE_TOP = 127.f * 256.f;
+constexpr float NARROW_TOP = 127.f;  // int8 activations: q = round(x / s), s = max|x| / 127
+inline float top_of(int64_t activation_bits) { return activation_bits == 8 ? NARROW_TOP : WIDE_TOP; }
 
 #if !SPECTR_VNNI
-void quantize_block(const float* xb, int16_t* qb, float* scale_out, float* sum_out) {
+void quantize_block(const float* xb, float top, int16_t* qb, float* scale_out, float* sum_out) {
   float amax = 0.f, sum = 0.f;
   for (int64_t i = 0; i < BLOCK; ++i) {
     amax = std::max(amax, std::fabs(xb[i]));
     sum += xb[i];
   }
-  const float scale = amax / WIDE_TOP;
+  const float scale = amax / top;
   const float inverse = scale > 0.f ? 1.f / scale : 0.f;
   for (int64_t i = 0; i < BLOCK; ++i) {
-    const float v = std::nearbyint(std::min(WIDE_TOP, std::max(-WIDE_TOP, xb[i] * inverse)));
+    const float v = std::nearbyint(std::min(top, std::max(-top, xb[i] * inverse)));
     qb[i] = static_cast<int16_t>(v);
   }
   // A non-finite input makes its outputs NaN (the scale carries it; the codes are then meaningless).
@@ -278,29 +285,35 @@ constexpr int64_t PREFETCH_BLOCKS = 8;
 inline int64_t vnni_code_bytes(int bits) { return bits == 4 ? 256 : 512; }
 inline int64_t vnni_block_bytes(int bits) { return vnni_code_bytes(bits) + 4 * LANES; }
 
-// One block of 32 inputs of a row: q = round(x / s) with s = max|x| / 32512 (the q of quantize_block),
-// kept as its high and low bytes (q = 256 hi + lo, both int8: hi at high[0..31], lo k bytes further, in
-// the row's second half), the float sum of x (for the block's offset; in a fixed tree) and the sum of q
+// One block of 32 inputs of a row: q = round(x / s) (the q of quantize_block); narrow (int8): q itself
+// at high[0..31]; else as its high and low bytes (q = 256 hi + lo, both int8: hi at high[0..31], lo k
+// bytes further, in the row's second half); the float sum of x (for the block's offset; in a fixed tree) and the sum of q
 // (to centre the codes, below).
 
-void quantize_block_wide(const float* xb, int64_t k, int8_t* high, float* scale_out, float* sum_out,
+void quantize_block_wide(const float* xb, int64_t k, bool narrow, int8_t* high, float* scale_out, float* sum_out,
                          int32_t* sum_q_out) {
   const __m512i half = _mm512_set1_epi32(128);
-  const __m512 top = _mm512_set1_ps(WIDE_TOP), bottom = _mm512_set1_ps(-WIDE_TOP);
+  const float top_value = narrow ? NARROW_TOP : WIDE_TOP;
+  const __m512 top = _mm512_set1_ps(top_value), bottom = _mm512_set1_ps(-top_value);
   const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));  // exact
   const float sum = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));  // a fixed tree
-  const float scale = amax / WIDE_TOP;
+  const float scale = amax / top_value;
   const __m512 inverse = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
   // Clamp, then round to nearest even (the default rounding mode): as quantize_block does.
   const __m512i v0 = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_mul_ps(x0, inverse))));
   const __m512i v1 = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_mul_ps(x1, inverse))));
-  const __m512i h0 = _mm512_srai_epi32(_mm512_add_epi32(v0, half), 8), h1 = _mm512_srai_epi32(_mm512_add_epi32(v1, half), 8);
-  const __m512i l0 = _mm512_sub_epi32(v0, _mm512_slli_epi32(h0, 8)), l1 = _mm512_sub_epi32(v1, _mm512_slli_epi32(h1, 8));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(high), _mm512_cvtepi32_epi8(h0));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(high + 16), _mm512_cvtepi32_epi8(h1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(high + k), _mm512_cvtepi32_epi8(l0));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(high + k + 16), _mm512_cvtepi32_epi8(l1));
+  if (narrow) {  // the codes themselves, in the high bytes; the low ones are not read
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(high), _mm512_cvtepi32_epi8(v0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(high + 16), _mm512_cvtepi32_epi8(v1));
+  } else {
+    const __m512i h0 = _mm512_srai_epi32(_mm512_add_epi32(v0, half), 8), h1 = _mm512_srai_epi32(_mm512_add_epi32(v1, half), 8);
+    const __m512i l0 = _mm512_sub_epi32(v0, _mm512_slli_epi32(h0, 8)), l1 = _mm512_sub_epi32(v1, _mm512_slli_epi32(h1, 8));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(high), _mm512_cvtepi32_epi8(h0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(high + 16), _mm512_cvtepi32_epi8(h1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(high + k), _mm512_cvtepi32_epi8(l0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(high + k + 16), _mm512_cvtepi32_epi8(l1));
+  }
   // A non-finite input makes its outputs NaN (the scale carries it; the codes are then meaningless).
   *scale_out = std::isfinite(sum) ? scale : std::numeric_limits<float>::quiet_NaN();
   *sum_out = sum;
@@ -319,7 +332,7 @@ inline __m512i four_inputs(const int8_t* x) {
 // The codes are centred before scaling (4-bit: q - 8, the offset becoming m + 8d; 8-bit: back from
 // u = q + 128), in integers: the activations' rounding error then meets weights of the size of the
 // weight itself, not of d.q (for Q4_1, whose q is 0..15 above an offset m, about half the error).
-template <int BITS, int NR>
+template <int BITS, int NR, bool NARROW>
 inline void vnni_group_rows(const uint8_t* group, int64_t blocks, const int8_t* q, int64_t k, const float* x_scales,
                             const float* x_sums, const int32_t* x_sums_q, __m512* out) {
   __m512 acc[NR];
@@ -354,7 +367,7 @@ inline void vnni_group_rows(const uint8_t* group, int64_t blocks, const int8_t* 
         odd = _mm512_dpbusd_epi32(odd, w[i + 1], four_inputs(xq + 4 * i + 4));
       }
       __m512i dot = _mm512_add_epi32(even, odd);  // exact: integers
-      {  // the low bytes: dot = 256 dot(high) + dot(low)
+      if (!NARROW) {  // the low bytes: dot = 256 dot(high) + dot(low)
         const int8_t* low = xq + k;
         even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], four_inputs(low));
         odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], four_inputs(low + 4));
@@ -373,18 +386,18 @@ inline void vnni_group_rows(const uint8_t* group, int64_t blocks, const int8_t* 
   for (int r = 0; r < NR; ++r) out[r] = acc[r];
 }
 
-template <int BITS>
+template <int BITS, bool NARROW>
 void vnni_group_chunk(int64_t nr, const uint8_t* group, int64_t blocks, const int8_t* q, int64_t k,
                       const float* x_scales, const float* x_sums, const int32_t* x_sums_q, __m512* out) {
   switch (nr) {
-    case 1: vnni_group_rows<BITS, 1>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
-    case 2: vnni_group_rows<BITS, 2>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
-    case 3: vnni_group_rows<BITS, 3>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
-    case 4: vnni_group_rows<BITS, 4>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
-    case 5: vnni_group_rows<BITS, 5>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
-    case 6: vnni_group_rows<BITS, 6>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
-    case 7: vnni_group_rows<BITS, 7>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
-    default: vnni_group_rows<BITS, 8>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 1: vnni_group_rows<BITS, 1, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 2: vnni_group_rows<BITS, 2, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 3: vnni_group_rows<BITS, 3, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 4: vnni_group_rows<BITS, 4, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 5: vnni_group_rows<BITS, 5, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 6: vnni_group_rows<BITS, 6, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 7: vnni_group_rows<BITS, 7, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    default: vnni_group_rows<BITS, 8, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
   }
 }
 
@@ -406,10 +419,13 @@ void vnni_linear_team(const BlockWeight& w, const Activations& a, float* y, bool
       const int8_t* qr = q + 2 * r0 * k;
       const float *sr = a.scales + r0 * blocks, *ur = a.sums + r0 * blocks;
       const int32_t* tr = a.sums_q + r0 * blocks;
+      const bool narrow = w.activation_bits == 8;
       if (w.bits == 4)
-        vnni_group_chunk<4>(nr, group, blocks, qr, k, sr, ur, tr, out);
+        narrow ? vnni_group_chunk<4, true>(nr, group, blocks, qr, k, sr, ur, tr, out)
+               : vnni_group_chunk<4, false>(nr, group, blocks, qr, k, sr, ur, tr, out);
       else
-        vnni_group_chunk<8>(nr, group, blocks, qr, k, sr, ur, tr, out);
+        narrow ? vnni_group_chunk<8, true>(nr, group, blocks, qr, k, sr, ur, tr, out)
+               : vnni_group_chunk<8, false>(nr, group, blocks, qr, k, sr, ur, tr, out);
       for (int64_t i = 0; i < nr; ++i) {
         float* target = y + (r0 + i) * n + g * LANES;
         const __m512 update = _mm512_add_ps(out[i], b);
@@ -493,19 +509,20 @@ void rows_linear_team(const BlockWeight& w, const Activations& a, float* y, bool
 // The team functions below share their loops among the threads of an OpenMP team: every thread of the
 // team calls them (or one thread outside any parallel region). Each ends with the loop's barrier.
 
-// Quantizes x [rows, k] into a, work-shared over its blocks (padding blocks: zero).
-void quantize_team(const float* x, const Activations& a) {
+// Quantizes x [rows, k] into a for weight w (at its activation_bits), work-shared over its blocks (padding
+// blocks: zero).
+void quantize_team(const float* x, const Activations& a, const BlockWeight& w) {
   const int64_t k = a.k, p = activation_blocks(k);
 #pragma omp for schedule(static)
   for (int64_t i = 0; i < a.rows * p; ++i) {
     const int64_t r = i / p, b = i % p;
 #if SPECTR_VNNI
-    quantize_block_wide(x + r * k + b * BLOCK, k, static_cast<int8_t*>(a.q) + 2 * r * k + b * BLOCK, a.scales + i,
+    quantize_block_wide(x + r * k + b * BLOCK, k, w.activation_bits == 8, static_cast<int8_t*>(a.q) + 2 * r * k + b * BLOCK, a.scales + i,
                         a.sums + i, a.sums_q + i);
 #else
     int16_t* qb = static_cast<int16_t*>(a.q) + i * BLOCK;
     if (b < k / BLOCK) {
-      quantize_block(x + r * k + b * BLOCK, qb, a.scales + i, a.sums + i);
+      quantize_block(x + r * k + b * BLOCK, top_of(w.activation_bits), qb, a.scales + i, a.sums + i);
     } else {
       std::memset(qb, 0, sizeof(int16_t) * BLOCK);
       a.scales[i] = a.sums[i] = 0.f;
@@ -1137,9 +1154,9 @@ void rotate_heads(float* x, int64_t heads, int64_t e, const float* cos, const fl
 
 extern "C" {
 
-int spectr_kernels_version() { return 11; }
+int spectr_kernels_version() { return 12; }
 
-// The block kernel this build runs: "avx512-vnni", "avx2" or "portable" (all with int16 activations).
+// The block kernel this build runs: "avx512-vnni", "avx2" or "portable" (all take int8 or int16 activations).
 // Whether this build's attention reads the keys transposed too (by tiles of 16 slots, [B, G, tiles, E, 16],
 // beside [B, G, capacity, E]).
 int spectr_transposed_keys() { return SPECTR_VNNI; }
@@ -1175,13 +1192,13 @@ void spectr_pack(const uint8_t* codes, const uint16_t* params, int bits, int64_t
 
 // y [rows, n] = x [rows, k] @ W.T + bias for W [n, k] in 32-blocks, packed by spectr_pack. bias may be null.
 void spectr_block_linear(const uint8_t* packed, int bits, int64_t n, int64_t k, const float* x, int64_t rows,
-                         const float* bias, float* y) {
+                         const float* bias, float* y, int activation_bits) {
   void* buffer = std::aligned_alloc(64, activation_bytes(rows, k));
   const Activations a = activations_in(buffer, rows, k);
-  const BlockWeight w{packed, bias, bits, n, k};
+  const BlockWeight w{packed, bias, bits, n, k, activation_bits};
 #pragma omp parallel
   {
-    quantize_team(x, a);
+    quantize_team(x, a, w);
     linear_team(w, a, y, false);
   }
   std::free(buffer);
@@ -1243,7 +1260,7 @@ void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, 
     const DecoderLayer* layer = layers + index;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * d, d, layer->attention_norm, layer->eps, normed + r * d);
-    quantize_team(normed, for_d);
+    quantize_team(normed, for_d, layer->qkv);
     linear_team(layer->qkv, for_d, qkv, false);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -1269,19 +1286,19 @@ void spectr_decoder_layers(const DecoderLayer* layers, int64_t count, float* x, 
     }
     attend_team(segments, segment_count, index, qkv, qkv_width, h, g, e, 1.f / std::sqrt(static_cast<float>(e)),
                 attended, sparse_rank, sparse_keep);
-    quantize_team(attended, for_attended);
+    quantize_team(attended, for_attended, layer->output);
     linear_team(layer->output, for_attended, x, true);
 
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * d, d, layer->mlp_norm, layer->eps, normed + r * d);
-    quantize_team(normed, for_d);
+    quantize_team(normed, for_d, layer->gate_up);
     linear_team(layer->gate_up, for_d, gate_up, false);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < rows * chunks; ++c) {
       const int64_t r = c / chunks, i0 = c % chunks * CHUNK;
       silu_times(gate_up + r * 2 * f + i0, gate_up + r * 2 * f + f + i0, std::min(CHUNK, f - i0), hidden + r * f + i0);
     }
-    quantize_team(hidden, for_hidden);
+    quantize_team(hidden, for_hidden, layer->down);
     linear_team(layer->down, for_hidden, x, true);  // its barrier: x is whole before the next layer reads it
   }
   std::free(buffer);

@@ -83,7 +83,7 @@ def build(folder: Path, flags: tuple[str, ...] = FLAGS, compiler: str | None = N
 def load(path: Path) -> ctypes.CDLL:
     """A built kernel library, its functions typed."""
     lib = ctypes.CDLL(str(path))
-    lib.spectr_block_linear.argtypes = [_ptr, ctypes.c_int, _i64, _i64, _ptr, _i64, _ptr, _ptr]
+    lib.spectr_block_linear.argtypes = [_ptr, ctypes.c_int, _i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_int]
     lib.spectr_block_linear.restype = None
     lib.spectr_packed_bytes.argtypes = [ctypes.c_int, _i64, _i64]
     lib.spectr_packed_bytes.restype = _i64
@@ -125,6 +125,11 @@ def available() -> bool:
     return library() is not None
 
 
+def source_digest() -> str:
+    """A short digest of kernels.cpp: what measured a cost is keyed by (a changed kernel costs otherwise)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def path() -> str | None:
     """The block kernel's path on this machine: "avx512-vnni", "avx2" or "portable"; None without kernels."""
     return None if library() is None else library().spectr_kernel_path().decode()
@@ -140,14 +145,15 @@ def pack(codes: Tensor, params: Tensor, bits: int) -> Tensor:
     return packed
 
 
-def block_linear(packed: Tensor, bits: int, n: int, k: int, x: Tensor, bias: Tensor | None) -> Tensor:
+def block_linear(packed: Tensor, bits: int, n: int, k: int, x: Tensor, bias: Tensor | None,
+                 activation_bits: int = 16) -> Tensor:
     """x [..., k] float32 @ W.T (+ bias) for W [n, k] in 32-blocks, packed by `pack`. Returns float32 [..., n]."""
     flat = x.reshape(-1, k)
     if flat.dtype != torch.float32 or not flat.is_contiguous():
         flat = flat.float().contiguous()
     out = torch.empty(flat.shape[0], n, dtype=torch.float32)
     library().spectr_block_linear(packed.data_ptr(), bits, n, k, flat.data_ptr(), flat.shape[0],
-                                  None if bias is None else bias.data_ptr(), out.data_ptr())
+                                  None if bias is None else bias.data_ptr(), out.data_ptr(), activation_bits)
     return out.view(*x.shape[:-1], n)
 
 
@@ -207,7 +213,7 @@ class Sparse:
 
 
 class _BlockWeight(ctypes.Structure):
-    _fields_ = [("packed", _ptr), ("bias", _ptr), ("bits", _i64), ("n", _i64), ("k", _i64)]
+    _fields_ = [("packed", _ptr), ("bias", _ptr), ("bits", _i64), ("n", _i64), ("k", _i64), ("activation_bits", _i64)]
 
 
 class _DecoderLayer(ctypes.Structure):
@@ -231,7 +237,8 @@ class DecoderLayer:
             bias = None if linear.bias is None else linear.bias.float().contiguous()
             self._tensors += [linear.packed, bias]
             weights.append(_BlockWeight(linear.packed.data_ptr(), None if bias is None else bias.data_ptr(),
-                                        linear.bits, linear.out_features, linear.in_features))
+                                        linear.bits, linear.out_features, linear.in_features,
+                                        linear.activation_bits))
         hidden = self._tensors[0].shape[0]
         self.descriptor = _DecoderLayer(self._tensors[0].data_ptr(), self._tensors[1].data_ptr(), *weights,
                                         hidden, heads, kv_heads, head_dim, weights[2].n // 2, eps)

@@ -17,7 +17,7 @@ import torch
 from spectr.errors import ModelNotFoundError, TokenizerMismatchError, UnsupportedModelError
 from spectr.models.base import Forward, build_forward
 from spectr.models.gguf import GGUFModel
-from spectr.precisions import DEFAULT_PRECISION, PRECISIONS
+from spectr.precisions import DEFAULT_PRECISION, PRECISIONS, STORED_ACTIVATION_BITS
 from spectr.models.reference import TransformersForward
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def native_forward(hf_model, precision: str) -> Forward:
 
 def gguf_forward(model: GGUFModel, precision: str) -> Forward:
     """spectr's forward over a GGUF file's tensors: as stored under native, dequantized otherwise."""
-    return build_forward(model.hf_config, model.state(as_stored=precision == "native"), precision)
+    return build_forward(model.hf_config, model.state(as_stored=precision in STORED_ACTIVATION_BITS), precision)
 
 
 @dataclass

@@ -24,14 +24,15 @@ from torch import Tensor
 
 from spectr.errors import InvalidInputError
 from spectr.models import kernels
+from spectr.precisions import STORED_ACTIVATION_BITS
 
 BLOCK_SIZE = 32  # inputs per quantization block (GGUF's Q4_0 / Q4_1 / Q8_0, spectr's int4)
 INT4_INNER_K_TILES = 2
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype activations flow in: float32 on spectr's kernels (native, int4) and in fp32 mode."""
-    if precision == "fp32" or (precision in ("native", "int4") and kernels.available()):
+    """The dtype activations flow in: float32 on spectr's kernels (native modes, int4) and in fp32 mode."""
+    if precision == "fp32" or ((precision in STORED_ACTIVATION_BITS or precision == "int4") and kernels.available()):
         return torch.float32
     return torch.bfloat16
 
@@ -105,8 +106,9 @@ class BlockQuantized:
 class BlockLinear:
     """x @ W.T (+ b) for a BlockQuantized weight on spectr's kernel: float32 in and out, row-invariant."""
 
-    def __init__(self, weight: BlockQuantized, bias: Tensor | None):
+    def __init__(self, weight: BlockQuantized, bias: Tensor | None, activation_bits: int = 16):
         out_features, in_features = weight.shape
+        self.activation_bits = activation_bits
         codes = weight.codes.view(out_features, in_features // BLOCK_SIZE, 2, BLOCK_SIZE // 2)
         if weight.bits == 4:  # GGUF's layout: byte j of a block holds input j (low nibble) and j + 16 (high)
             codes = (codes[:, :, 0] | (codes[:, :, 1] << 4))
@@ -129,7 +131,8 @@ class BlockLinear:
         return kernels.available() and shape[1] % BLOCK_SIZE == 0
 
     def __call__(self, x: Tensor) -> Tensor:
-        return kernels.block_linear(self.packed, self.bits, self.out_features, self.in_features, x, self.bias)
+        return kernels.block_linear(self.packed, self.bits, self.out_features, self.in_features, x, self.bias,
+                                    self.activation_bits)
 
 
 class DenseLinear:
@@ -191,13 +194,13 @@ def make_linear(weight: Tensor | BlockQuantized, bias: Tensor | None, precision:
     modes; int4 falls back to int8 where no int4 kernel takes the shape.
     """
     if isinstance(weight, BlockQuantized):
-        if precision == "native":
+        if precision in STORED_ACTIVATION_BITS:
             if BlockLinear.supports(tuple(weight.shape)):
-                return BlockLinear(weight, bias)
+                return BlockLinear(weight, bias, STORED_ACTIVATION_BITS[precision])
             if Int4Linear.supports(tuple(weight.shape)):
                 return Int4Linear(weight, bias)
         weight = weight.dequantize()
-    if precision in ("native", "fp32", "bf16"):
+    if precision in ("fp32", "bf16") or precision in STORED_ACTIVATION_BITS:
         return DenseLinear(weight, bias, torch.float32 if precision == "fp32" else torch.bfloat16)
     if precision == "int4":
         if BlockLinear.supports(tuple(weight.shape)):
