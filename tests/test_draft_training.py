@@ -14,7 +14,8 @@ from spectr.errors import UnsupportedModelError
 from spectr.models import load_model
 from spectr.models.llama import rotary_tables
 from spectr.processing import SamplingParams
-from spectr.training.eagle import EagleConfig, EagleHead, choose_vocabulary, export, train
+from spectr.training.eagle import (EagleConfig, EagleHead, choose_vocabulary, export, head_losses,
+                                   make_batch, train)
 from spectr.training.samples import DataRecipe, default_feature_layers, generate_dataset, load_sequences
 from tests.models.test_loading import save_tiny_model
 from tests.models.tiny import VOCAB
@@ -92,6 +93,41 @@ def test_the_vocabulary_is_chosen_by_the_targets_mass(peaked):
     assert fixed.numel() == 8 and small["mass"] <= measured["mass"]
     # The kept rows are the heaviest: any other 8 rows hold no more of the target's mass.
     assert small["mass"] >= measured["mass_by_rows"].get("8", 0)
+
+
+@pytest.mark.parametrize("loss", ["kl", "kl+tv"])
+def test_the_training_loss_is_the_kl_written_out(peaked, loss):
+    """head_losses (the teacher's p from its stored features and lse) against −Σ p log q
+    written out in float64 over every kept token, depth by depth and in its gradient. The kept rows hold
+    well under all of p, so a loss that renormalized p on them (as if it summed to 1) would fail."""
+    _, model, train_set, _ = peaked
+    config = _config(vocab=16, loss=loss)
+    torch.manual_seed(5)
+    layers = _layers(model)
+    head = EagleHead(model.hf_config, rotary_tables(model.hf_config, 256), fused_layers=len(layers))
+    embedding = model.weight("model.embed_tokens.weight")
+    kept_rows = embedding[torch.arange(0, 32, 2)]
+    batch = make_batch(train_set[:6], config.sequence, fused=True)
+    total, per_depth = head_losses(head, batch, embedding, kept_rows, config)
+    (gradient,) = torch.autograd.grad(total, [head.fc.weight])
+
+    outputs = head.unrolled(batch.features, embedding[batch.tokens], batch.positions, batch.valid, config.unroll)
+    lse = batch.target_lse.where(batch.loss_mask, torch.inf)
+    p = (batch.target_features.double() @ kept_rows.double().T - lse.double()[..., None]).exp()
+    assert float(p.sum(-1)[batch.loss_mask].max()) < 0.9
+    index = torch.arange(batch.tokens.shape[1])
+    expected = []
+    for depth, out in enumerate(outputs, start=1):
+        log_q = (out.double() @ kept_rows.double().T).log_softmax(-1)
+        entry = -(p * log_q).sum(-1)
+        if loss == "kl+tv":
+            entry = entry + 1 - torch.minimum(p, log_q.exp()).sum(-1)
+        mask = batch.loss_mask & (index >= depth - 1)[None]
+        expected.append(entry[mask].mean())
+    reference = sum(config.depth_weight ** r * value for r, value in enumerate(expected))
+    (reference_gradient,) = torch.autograd.grad(reference, [head.fc.weight])
+    assert per_depth == pytest.approx([float(v) for v in expected], rel=1e-5)
+    torch.testing.assert_close(gradient, reference_gradient, rtol=1e-4, atol=1e-6)
 
 
 def _fused_head(model, folder, scale=3.0):

@@ -9,6 +9,7 @@ import spectr
 from spectr import api
 from spectr.errors import ContextOverflowError
 from spectr.models import kernels
+from spectr.models.loading import stop_token_ids
 from spectr.planner import BATCH_ROWS, CostProfile
 from spectr.serving.scheduler import BatchedStreams, Scheduler
 from spectr.settings import GenerationSettings
@@ -166,7 +167,10 @@ def test_under_load_unseeded_generations_turn_plain_and_seeded_ones_choose_as_al
                                         batch_rows=BATCH_ROWS, batch_seconds=tuple(0.002 + 0.0015 * r for r in BATCH_ROWS))
     monkeypatch.setattr(engine, "cost_profile", lambda *args, **kwargs: rows_as_dear_as_steps)
     ids = _ids(engine, PROMPTS[0])
-    unseeded = GenerationSettings.build(temperature=1.0, max_new_tokens=40)
+    # The unseeded ones never draw the end of text: one that ended early would leave another alone, to draft
+    # as alone (seen in CI: two stopped within 18 tokens and the third then drafted half its steps).
+    no_end = {token: -100.0 for token in stop_token_ids(engine.tokenizer)}
+    unseeded = GenerationSettings.build(temperature=1.0, max_new_tokens=40, logit_bias=no_end)
     seeded = GenerationSettings.build(temperature=1.0, max_new_tokens=40, seed=7)
 
     def plain_share(chunks):
@@ -192,6 +196,7 @@ def test_under_load_unseeded_generations_turn_plain_and_seeded_ones_choose_as_al
     for thread in threads:
         thread.join(timeout=120)
     scheduler.close()
+    assert all(c[-1].finish_reason == "length" for c in results[1:])
     assert all(plain_share(chunks) > 0.6 for chunks in results[1:]), [plain_share(c) for c in results[1:]]
     assert _collect(iter(results[0])) == _alone(engine, ids, seeded)
     assert plain_share(results[0]) < 0.3
