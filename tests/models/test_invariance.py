@@ -36,14 +36,20 @@ def test_linear_rows_are_bitwise_invariant(layer, kind, shape):
 
 # A short cache, and one long enough that one token's queries are attended a group at a time: the queries
 # packed alone below see ~60% of it, under that length, so the two ways are compared with each other.
+# With `prefix` each query also masks the slots before its own first one (not on a 16-slot tile's edge), as a
+# batch row does that began a new sequence in its cache (the draft data's sampling).
 @needs_kernels
+@pytest.mark.parametrize("prefix", [False, True])
 @pytest.mark.parametrize("capacity, slots", [(40, 37), (1200, 1100)])
-def test_attention_rows_are_bitwise_invariant(capacity, slots):
+def test_attention_rows_are_bitwise_invariant(capacity, slots, prefix):
     """A query's output from the slots it may attend, the same bits whatever else is masked or present."""
     torch.manual_seed(0)
     keys, values = torch.randn(2, 1, 3, capacity, 64), torch.randn(2, 1, 3, capacity, 64)  # [B=1, G, capacity, E]
     queries = torch.randn(1, 6, 9, 64)
     mask = torch.rand(1, 6, slots) < 0.6
+    if prefix:
+        for t, first in enumerate([slots // 2 + 3, 1, slots // 3 + 7, slots - 9, 17, slots // 5 + 1]):
+            mask[0, t, :first] = False
     mask[0, torch.arange(6), slots - 6 + torch.arange(6)] = True
     def transposed(k):  # what a cache keeps beside the keys where this machine's kernel reads it
         return kernels.tile_keys(k) if kernels.transposed_keys() else None
