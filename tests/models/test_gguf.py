@@ -38,6 +38,34 @@ def test_stored_blocks_dequantize_as_gguf_does(kind):
     assert torch.equal(stored.dequantize(), expected)
 
 
+@pytest.mark.parametrize("activation_bits", [8, 16])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_block_kernel_is_exact_at_the_extreme_codes(kind, activation_bits):
+    """Codes at the ends of their range (Q8_0: −128, which no quantizer writes but a file may hold, and
+    127; Q4: 0 and 15) against activations at the ends of theirs (q = ±top, and for int16 the values
+    whose low byte is −128, which the AVX2 path must not negate): the kernel still computes kernel_law."""
+    if not kernels.available():
+        pytest.skip("spectr's kernels are not built on this machine")
+    rng = np.random.default_rng(2)
+    raw = quantize(rng.normal(size=(24, 160)).astype(np.float32), GGMLQuantizationType[kind]).copy()
+    blocks = raw.reshape(24, 5, -1)
+    if kind == "Q8_0":  # 2 bytes of scale, then 32 int8 codes
+        blocks[:, :, 2:18] = np.where(rng.random((24, 5, 16)) < 0.5, 0x80, 0x7F)
+    else:  # 2 + 2 bytes of scale and offset, then 16 bytes of two nibbles
+        blocks[:, :, 4:12] = np.where(rng.random((24, 5, 8)) < 0.5, 0x00, 0xFF)
+    stored = _Blocks(kind, raw, (24, 160)).stored("w")
+    if kind == "Q8_0":
+        assert int(stored.codes.min()) == -128 and int(stored.codes.max()) == 127
+    # Whole-number inputs on the int16 grid (the block's largest is 32512: the scale is 1): 128 splits as
+    # 256 x 1 − 128, −128 as 256 x 0 − 128.
+    grid = torch.from_numpy(rng.choice([32512, -32512, 128, -128, 384, -384, 255, -255, 0, 1], size=(7, 160)))
+    grid.view(7, 5, 32)[:, :, 0] = 32512
+    x = grid.float() * 0.001
+    bias = torch.randn(24)
+    out = BlockLinear(stored, bias, activation_bits)(x)
+    law = kernel_law(x, stored, bias, activation_bits)
+    assert (out.double() - law).abs().max() <= 1e-6 * law.abs().max()
+
 def test_q8_0_split_into_int4_halves_is_exact_over_every_code():
     codes = torch.arange(-128, 128, dtype=torch.int8).view(8, 32)
     # Q8_0 stores d in f16: its 11-bit mantissa times an 8-bit code is exact in float32, as are the halves.

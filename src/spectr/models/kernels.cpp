@@ -19,7 +19,10 @@
 // halves (q = 256 hi + lo, s = max|x| / 32512 so that hi stays within int8), so the block's integer dot
 // is the same exact sum at twice the instructions. The codes of 16 outputs are decoded once per block
 // and shared by every row; a block costs a row 8 (int8) or 16 (int16) integer dot instructions and ~7
-// others for 16 outputs (the AVX2 path spends ~8 on one output). Measured on the default target: int8
+// others for 16 outputs. With AVX2 only, the same layout in 8 lanes: vpmaddubsw then vpmaddwd make the
+// exact dots of 8 outputs (~30 instructions a row and block for 4-bit codes, where one output at a time
+// took ~9 for each output: measured, a 1536 x 576 Q4_1 layer 50 -> 22-31 us for one row, 271 -> 126-185
+// for 16). Measured on the default target: int8
 // moves the next-token law by a mean TV of 0.017 from float32 over the same weights (int16: 1e-4; bf16
 // dense: 0.011) and halves what every row beyond the first costs. `spectr_kernel_path` names the path.
 //
@@ -127,7 +130,7 @@ struct Activations {
   int64_t rows, k;
 };
 
-inline int64_t activation_blocks(int64_t k) { return SPECTR_VNNI ? k / BLOCK : padded_blocks(k); }
+inline int64_t activation_blocks(int64_t k) { return SPECTR_SIMD ? k / BLOCK : padded_blocks(k); }
 
 inline int64_t activation_bytes(int64_t rows, int64_t k) {  // two bytes a code, three words a block
   return rows * activation_blocks(k) * (2 * BLOCK + 3 * 4);
@@ -148,7 +151,7 @@ constexpr float WIDE_TOP = 127.f * 256.f;
 constexpr float NARROW_TOP = 127.f;  // int8 activations: q = round(x / s), s = max|x| / 127
 inline float top_of(int64_t activation_bits) { return activation_bits == 8 ? NARROW_TOP : WIDE_TOP; }
 
-#if !SPECTR_VNNI
+#if !SPECTR_SIMD
 void quantize_block(const float* xb, float top, int16_t* qb, float* scale_out, float* sum_out) {
   float amax = 0.f, sum = 0.f;
   for (int64_t i = 0; i < BLOCK; ++i) {
@@ -174,62 +177,18 @@ inline float horizontal_sum(__m256 v) {  // a fixed order: (lanes 0-3 + 4-7), th
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
 }
-
-
-// The integer dot of one block of codes with NR rows' int16 activations, scaled into acc[r]: exact
-// until the scaling (block scale x row scale), then one fused multiply-add per row.
-template <int BITS, int NR>
-inline void block_into(const uint8_t* w, float w_scale, int64_t b, int64_t padded, const int16_t* q,
-                       const float* x_scales, __m256* acc) {
-  __m256i w0, w1;  // the block's codes as int16: inputs 0..15 and 16..31
-  if (BITS == 4) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
-    const __m128i low_nibbles = _mm_set1_epi8(15);
-    const __m256i eight = _mm256_set1_epi16(8);  // centred: q - 8 (the offset becomes m + 8d)
-    w0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(raw, low_nibbles)), eight);
-    w1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles)), eight);
-  } else {
-    w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32)));
-    w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 32 + 16)));
-  }
-  const __m256 scale = _mm256_set1_ps(w_scale);
-  for (int r = 0; r < NR; ++r) {
-    const int16_t* qb = q + (r * padded + b) * BLOCK;
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 16));
-    const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));  // exact
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_broadcast_ss(x_scales + r * padded + b)),
-                             acc[r]);
-  }
-}
 #endif
 
+#if !SPECTR_SIMD
 // One output row against NR rows of activations. The weight row: codes (BITS 4: 16 bytes a block,
 // input j in the low nibble of byte j and input j + 16 in its high nibble, GGUF's Q4 layout; BITS 8:
 // 32 int8), then its block scales and offsets (float16, zero past the last block). Each block's
-// integer dot is exact; it is scaled into one float accumulator of 8 lanes per row, in block order
-// (rows are independent chains, so a pass of several rows hides the latency), and the offsets' dot
-// with the block sums is added at the end: the same instructions in the same order for every row,
-// whatever NR is.
+// integer dot is exact; it is scaled into one float accumulator per row, in block order, and the
+// offsets' dot with the block sums is added at the end: the same operations in the same order for
+// every row, whatever NR is. (The portable path; every SIMD build reads the lanes layout below.)
 template <int BITS, int NR>
 inline void output_rows(const uint8_t* w, const uint16_t* w_scales, const uint16_t* w_offsets, int64_t blocks,
                         int64_t padded, const int16_t* q, const float* x_scales, const float* x_sums, float* out) {
-#if SPECTR_SIMD
-  __m256 acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) block_into<BITS, NR>(w, half_to_float(w_scales[b]), b, padded, q, x_scales, acc);
-  for (int r = 0; r < NR; ++r) {
-    __m256 offset_acc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < padded; g += 8) {
-      __m256 offsets = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_offsets + g)));
-      if (BITS == 4)  // m + 8d, for the centred codes
-        offsets = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_scales + g))),
-                                  _mm256_set1_ps(8.f), offsets);
-      offset_acc = _mm256_fmadd_ps(offsets, _mm256_loadu_ps(x_sums + r * padded + g), offset_acc);
-    }
-    out[r] = horizontal_sum(acc[r]) + horizontal_sum(offset_acc);
-  }
-#else
   for (int r = 0; r < NR; ++r) {
     float acc = 0.f, offset_acc = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
@@ -252,7 +211,6 @@ inline void output_rows(const uint8_t* w, const uint16_t* w_scales, const uint16
     }
     out[r] = acc + offset_acc;
   }
-#endif
 }
 
 template <int BITS>
@@ -269,21 +227,60 @@ void output_row_chunk(int64_t nr, const uint8_t* w, const uint16_t* w_scales, co
     default: output_rows<BITS, 8>(w, w_scales, w_offsets, blocks, padded, q, x_scales, x_sums, out); break;
   }
 }
+#endif
 
-#if SPECTR_VNNI
-// The VNNI layout: output rows in groups of LANES; per group and block of 32 inputs, the codes of the
-// group's rows (4-bit: 4 chunks of 64 bytes, chunk c holding in lane j (one int32 = 4 bytes) the codes
-// of row j for inputs 4c..4c+3 in its low nibbles and 16+4c..16+4c+3 in its high ones; 8-bit: 8 vectors
-// of 64 bytes, vector i holding inputs 4i..4i+3, each code + 128 so it is unsigned), then the group's
-// 16 block scales and 16 block offsets in float16. One group-block is contiguous: a group streams
-// through memory in order.
-constexpr int64_t LANES = 16;
+#if SPECTR_SIMD
+// The lanes layout: output rows in groups of LANES, one output a 32-bit lane of a vector (16 with
+// AVX-512, 8 with AVX2); per group and block of 32 inputs, the codes of the group's rows (4-bit: 4
+// chunks of 4 x LANES bytes, chunk c holding in lane j (one int32 = 4 bytes) the codes of row j for
+// inputs 4c..4c+3 in its low nibbles and 16+4c..16+4c+3 in its high ones; 8-bit: 8 vectors of 4 x LANES
+// bytes, vector i holding inputs 4i..4i+3; with VNNI each code + 128 so it is unsigned), then the group's LANES
+// block scales and LANES block offsets in float16. One group-block is contiguous: a group streams
+// through memory in order. A row's block then costs a few integer instructions for all LANES outputs
+// (the codes decoded once per block and shared by every row), where one output at a time would cost
+// as many for each.
+constexpr int64_t LANES = SPECTR_VNNI ? 16 : 8;
 // How far ahead a pass of several rows asks for its weight blocks (prefetching past the end of the weight
 // is harmless: a prefetch never faults).
 constexpr int64_t PREFETCH_BLOCKS = 8;
 
-inline int64_t vnni_code_bytes(int bits) { return bits == 4 ? 256 : 512; }
-inline int64_t vnni_block_bytes(int bits) { return vnni_code_bytes(bits) + 4 * LANES; }
+inline int64_t lanes_code_bytes(int bits) { return (bits == 4 ? 16 : 32) * LANES; }
+inline int64_t lanes_block_bytes(int bits) { return lanes_code_bytes(bits) + 4 * LANES; }
+
+// The lanes layout of a weight given in the row layout (see spectr_pack).
+void lanes_pack(const uint8_t* codes, const uint16_t* params, int bits, int64_t n, int64_t k, uint8_t* out) {
+  const int64_t blocks = k / BLOCK, padded = padded_blocks(k), row_bytes = bits == 4 ? k / 2 : k;
+  const int64_t groups = (n + LANES - 1) / LANES, code_bytes = lanes_code_bytes(bits), vector = 4 * LANES;
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint8_t* block = out + (g * blocks + b) * lanes_block_bytes(bits);
+      uint16_t* half = reinterpret_cast<uint16_t*>(block + code_bytes);
+      std::memset(block, 0, lanes_block_bytes(bits));
+      for (int64_t j = 0; j < LANES; ++j) {
+        const int64_t o = g * LANES + j;
+        if (o >= n) continue;  // padding rows: zero codes, scales and offsets
+        uint8_t c[BLOCK];
+        const uint8_t* src = codes + o * row_bytes;
+        for (int64_t i = 0; i < BLOCK; ++i)
+          c[i] = bits == 4 ? (i < 16 ? src[b * 16 + i] & 15 : src[b * 16 + i - 16] >> 4)
+                           : (SPECTR_VNNI ? src[b * 32 + i] ^ 0x80 : src[b * 32 + i]);
+        for (int64_t i = 0; i < BLOCK; ++i) {
+          const int64_t v = i / 4, byte = j * 4 + i % 4;
+          if (bits == 4) {
+            block[(v % 4) * vector + byte] |= static_cast<uint8_t>(v < 4 ? c[i] : c[i] << 4);
+          } else {
+            block[v * vector + byte] = c[i];
+          }
+        }
+        half[j] = params[o * 2 * padded + b];
+        half[LANES + j] = params[o * 2 * padded + padded + b];
+      }
+    }
+}
+#endif
+
+#if SPECTR_VNNI
 
 // One block of 32 inputs of a row: q = round(x / s) (the q of quantize_block); narrow (int8): q itself
 // at high[0..31]; else as its high and low bytes (q = 256 hi + lo, both int8: hi at high[0..31], lo k
@@ -338,7 +335,7 @@ inline void vnni_group_rows(const uint8_t* group, int64_t blocks, const int8_t* 
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low_nibbles = _mm512_set1_epi8(15);
-  const int64_t stride = vnni_block_bytes(BITS), codes = vnni_code_bytes(BITS);
+  const int64_t stride = lanes_block_bytes(BITS), codes = lanes_code_bytes(BITS);
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* block = group + b * stride;
     if (NR >= 2)  // measured: a third off a pass of 8 rows; no gain for one row (the hardware keeps up)
@@ -404,7 +401,7 @@ void vnni_group_chunk(int64_t nr, const uint8_t* group, int64_t blocks, const in
 // y = a @ W.T + bias (or y += that), work-shared over the groups of 16 outputs.
 void vnni_linear_team(const BlockWeight& w, const Activations& a, float* y, bool accumulate) {
   const int64_t n = w.n, k = w.k, rows = a.rows, blocks = k / BLOCK, groups = (n + LANES - 1) / LANES;
-  const int64_t group_bytes = blocks * vnni_block_bytes(static_cast<int>(w.bits));
+  const int64_t group_bytes = blocks * lanes_block_bytes(static_cast<int>(w.bits));
   const int8_t* q = static_cast<const int8_t*>(a.q);
 #pragma omp for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
@@ -437,41 +434,192 @@ void vnni_linear_team(const BlockWeight& w, const Activations& a, float* y, bool
   }
 }
 
-// The VNNI layout of a weight given in the row layout (see spectr_pack).
-void vnni_pack(const uint8_t* codes, const uint16_t* params, int bits, int64_t n, int64_t k, uint8_t* out) {
-  const int64_t blocks = k / BLOCK, padded = padded_blocks(k), row_bytes = bits == 4 ? k / 2 : k;
-  const int64_t groups = (n + LANES - 1) / LANES, code_bytes = vnni_code_bytes(bits);
-#pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t b = 0; b < blocks; ++b) {
-      uint8_t* block = out + (g * blocks + b) * vnni_block_bytes(bits);
-      uint16_t* half = reinterpret_cast<uint16_t*>(block + code_bytes);
-      std::memset(block, 0, vnni_block_bytes(bits));
-      for (int64_t j = 0; j < LANES; ++j) {
-        const int64_t o = g * LANES + j;
-        if (o >= n) continue;  // padding rows: zero codes, scales and offsets
-        uint8_t c[BLOCK];
-        const uint8_t* src = codes + o * row_bytes;
-        for (int64_t i = 0; i < BLOCK; ++i)
-          c[i] = bits == 4 ? (i < 16 ? src[b * 16 + i] & 15 : src[b * 16 + i - 16] >> 4) : src[b * 32 + i] ^ 0x80;
-        for (int64_t i = 0; i < BLOCK; ++i) {
-          const int64_t vector = i / 4, byte = j * 4 + i % 4;
-          if (bits == 4) {
-            const int64_t chunk = vector % 4;
-            block[chunk * 64 + byte] |= static_cast<uint8_t>(vector < 4 ? c[i] : c[i] << 4);
-          } else {
-            block[vector * 64 + byte] = c[i];
-          }
-        }
-        half[j] = params[o * 2 * padded + b];
-        half[LANES + j] = params[o * 2 * padded + padded + b];
-      }
+#endif
+
+#if SPECTR_SIMD && !SPECTR_VNNI
+// The AVX2 build's activations, in the VNNI build's layout: a row's block of 32 inputs as q = round(x / s)
+// (quantize_block's q); narrow (int8): q itself at high[0..31]; else q = 256 hi + lo, hi at high[0..31]
+// and lo (−128..127) k bytes further; the float sum of x (in input order) and the sum of q.
+void quantize_block_bytes(const float* xb, int64_t k, bool narrow, int8_t* high, float* scale_out, float* sum_out,
+                          int32_t* sum_q_out) {
+  const float top = narrow ? NARROW_TOP : WIDE_TOP;
+  float amax = 0.f, sum = 0.f;
+  for (int64_t i = 0; i < BLOCK; ++i) {
+    amax = std::max(amax, std::fabs(xb[i]));
+    sum += xb[i];
+  }
+  const float scale = amax / top;
+  const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+  int32_t total = 0;
+  for (int64_t i = 0; i < BLOCK; ++i) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(std::min(top, std::max(-top, xb[i] * inverse))));
+    total += v;
+    if (narrow) {
+      high[i] = static_cast<int8_t>(v);
+    } else {
+      const int32_t hi = (v + 128) >> 8;  // arithmetic: −127..127, and lo = v − 256 hi in −128..127
+      high[i] = static_cast<int8_t>(hi);
+      high[k + i] = static_cast<int8_t>(v - 256 * hi);
     }
+  }
+  // A non-finite input makes its outputs NaN (the scale carries it; the codes are then meaningless).
+  *scale_out = std::isfinite(sum) ? scale : std::numeric_limits<float>::quiet_NaN();
+  *sum_out = sum;
+  *sum_q_out = total;
+}
+
+// The exact integer dots of one block's codes (8 outputs, as 8 vectors of unsigned 4-bit values, vector i
+// holding inputs 4i..4i+3 of each output) with one row's 32 int8 codes: vpmaddubsw multiplies unsigned by
+// signed bytes and adds pairs into int16, which cannot overflow here (|pair| <= 2 x 15 x 128 = 3840, and
+// 8 of them <= 30720), then one vpmaddwd adds the int16 pairs into each output's int32.
+inline __m256i nibble_dots(const __m256i* w, const int8_t* x) {
+  __m256i sums[4];
+  for (int i = 0; i < 4; ++i) {
+    int32_t a, b;
+    std::memcpy(&a, x + 8 * i, sizeof(a));
+    std::memcpy(&b, x + 8 * i + 4, sizeof(b));
+    sums[i] = _mm256_add_epi16(_mm256_maddubs_epi16(w[2 * i], _mm256_set1_epi32(a)),
+                               _mm256_maddubs_epi16(w[2 * i + 1], _mm256_set1_epi32(b)));
+  }
+  const __m256i total = _mm256_add_epi16(_mm256_add_epi16(sums[0], sums[1]), _mm256_add_epi16(sums[2], sums[3]));
+  return _mm256_madd_epi16(total, _mm256_set1_epi16(1));
+}
+
+// The exact integer dots of one block of 8-bit codes q (8 outputs, vector i holding inputs 4i..4i+3 of
+// each output) with one row's 32 int8 codes x: |q| times x with q's sign (vpsignb; |x| <= 127 for int8
+// activations, so x·sign(q) fits), by pairs into int16 (|pair| <= 2 x 128 x 127: one vector at a time)
+// and into int32. magnitudes: |q| per vector.
+inline __m256i signed_dots(const uint8_t* codes, const __m256i* magnitudes, const int8_t* x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < 8; ++i) {
+    int32_t a;
+    std::memcpy(&a, x + 4 * i, sizeof(a));
+    const __m256i signs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * i));
+    const __m256i pairs = _mm256_maddubs_epi16(magnitudes[i], _mm256_sign_epi8(_mm256_set1_epi32(a), signs));
+    total = _mm256_add_epi32(total, _mm256_madd_epi16(pairs, ones));
+  }
+  return total;
+}
+
+// The same dots for any int8 x (a low byte of int16 activations may be −128, which vpsignb cannot negate):
+// u = q + 128 as two nibbles, u = 16 hi + lo, each a nibble_dots; dot(q, x) = dot(u, x) − 128 sum(x).
+inline __m256i unsigned_dots(const uint8_t* codes, const int8_t* x) {
+  const __m256i low_nibbles = _mm256_set1_epi8(15), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i low[8], high[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * i)), flip);
+    low[i] = _mm256_and_si256(u, low_nibbles);
+    high[i] = _mm256_and_si256(_mm256_srli_epi16(u, 4), low_nibbles);
+  }
+  return _mm256_add_epi32(_mm256_slli_epi32(nibble_dots(high, x), 4), nibble_dots(low, x));
+}
+
+// One group of 8 outputs against NR rows, as vnni_group_rows does it with AVX2's instructions: per block,
+// each row's 8 integer dots are exact and centred in integers (4-bit: q − 8; 8-bit int16 activations:
+// back from u = q + 128), scaled (block scale x row scale) into the row's 8 float lanes (one lane per
+// output), then the offset times the row's block sum. Every row runs this same sequence, whatever NR.
+template <int BITS, int NR, bool NARROW>
+inline void avx2_group_rows(const uint8_t* group, int64_t blocks, const int8_t* q, int64_t k, const float* x_scales,
+                            const float* x_sums, const int32_t* x_sums_q, __m256* out) {
+  __m256 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low_nibbles = _mm256_set1_epi8(15);
+  const int64_t stride = lanes_block_bytes(BITS), codes = lanes_code_bytes(BITS);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = group + b * stride;
+    if (NR >= 2)
+      for (int64_t line = 0; line < stride; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(block + PREFETCH_BLOCKS * stride + line), _MM_HINT_T0);
+    __m256i w[8];  // 4-bit: the codes, vector i inputs 4i..4i+3; 8-bit int8 activations: |q|
+    if (BITS == 4) {
+      for (int c = 0; c < 4; ++c) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
+        w[c] = _mm256_and_si256(raw, low_nibbles);
+        w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_nibbles);
+      }
+    } else if (NARROW) {
+      for (int i = 0; i < 8; ++i) w[i] = _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * i)));
+    }
+    const __m256 w_scales = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + codes)));
+    const __m256 w_offsets = _mm256_fmadd_ps(  // m + 8d (4-bit)
+        w_scales, _mm256_set1_ps(8.f), _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + codes + 2 * LANES))));
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* xq = q + 2 * r * k + b * BLOCK;
+      __m256i dot;
+      if (BITS == 4) {
+        dot = nibble_dots(w, xq);
+        if (!NARROW) dot = _mm256_add_epi32(_mm256_slli_epi32(dot, 8), nibble_dots(w, xq + k));  // 256 high + low
+        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * x_sums_q[r * blocks + b]));
+      } else if (NARROW) {
+        dot = signed_dots(block, w, xq);
+      } else {
+        dot = _mm256_add_epi32(_mm256_slli_epi32(unsigned_dots(block, xq), 8), unsigned_dots(block, xq + k));
+        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(128 * x_sums_q[r * blocks + b]));
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(w_scales, _mm256_set1_ps(x_scales[r * blocks + b])),
+                               acc[r]);
+      if (BITS == 4) acc[r] = _mm256_fmadd_ps(w_offsets, _mm256_set1_ps(x_sums[r * blocks + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) out[r] = acc[r];
+}
+
+template <int BITS, bool NARROW>
+void avx2_group_chunk(int64_t nr, const uint8_t* group, int64_t blocks, const int8_t* q, int64_t k,
+                      const float* x_scales, const float* x_sums, const int32_t* x_sums_q, __m256* out) {
+  switch (nr) {
+    case 1: avx2_group_rows<BITS, 1, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 2: avx2_group_rows<BITS, 2, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 3: avx2_group_rows<BITS, 3, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 4: avx2_group_rows<BITS, 4, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 5: avx2_group_rows<BITS, 5, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 6: avx2_group_rows<BITS, 6, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    case 7: avx2_group_rows<BITS, 7, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+    default: avx2_group_rows<BITS, 8, NARROW>(group, blocks, q, k, x_scales, x_sums, x_sums_q, out); break;
+  }
+}
+
+// y = a @ W.T + bias (or y += that), work-shared over the groups of 8 outputs.
+void avx2_linear_team(const BlockWeight& w, const Activations& a, float* y, bool accumulate) {
+  const int64_t n = w.n, k = w.k, rows = a.rows, blocks = k / BLOCK, groups = (n + LANES - 1) / LANES;
+  const int64_t group_bytes = blocks * lanes_block_bytes(static_cast<int>(w.bits));
+  const int8_t* q = static_cast<const int8_t*>(a.q);
+#pragma omp for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* group = w.packed + g * group_bytes;
+    const int64_t width = std::min(LANES, n - g * LANES);
+    float bias[LANES] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (w.bias) std::memcpy(bias, w.bias + g * LANES, width * sizeof(float));
+    const __m256 b = _mm256_loadu_ps(bias);
+    __m256 out[ROWS_PER_PASS];
+    const int64_t passes = (rows + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    for (int64_t pass = 0, r0 = 0; pass < passes; ++pass) {
+      const int64_t nr = rows / passes + (pass < rows % passes ? 1 : 0);
+      const int8_t* qr = q + 2 * r0 * k;
+      const float *sr = a.scales + r0 * blocks, *ur = a.sums + r0 * blocks;
+      const int32_t* tr = a.sums_q + r0 * blocks;
+      const bool narrow = w.activation_bits == 8;
+      if (w.bits == 4)
+        narrow ? avx2_group_chunk<4, true>(nr, group, blocks, qr, k, sr, ur, tr, out)
+               : avx2_group_chunk<4, false>(nr, group, blocks, qr, k, sr, ur, tr, out);
+      else
+        narrow ? avx2_group_chunk<8, true>(nr, group, blocks, qr, k, sr, ur, tr, out)
+               : avx2_group_chunk<8, false>(nr, group, blocks, qr, k, sr, ur, tr, out);
+      for (int64_t i = 0; i < nr; ++i) {
+        float* target = y + (r0 + i) * n + g * LANES;
+        float update[LANES];
+        _mm256_storeu_ps(update, _mm256_add_ps(out[i], b));
+        for (int64_t j = 0; j < width; ++j) target[j] = accumulate ? target[j] + update[j] : update[j];
+      }
+      r0 += nr;
+    }
+  }
 }
 #endif
 
 
-#if !SPECTR_VNNI
+#if !SPECTR_SIMD
 // y = a @ W.T + bias (or y += that), one output row at a time, work-shared over the outputs.
 void rows_linear_team(const BlockWeight& w, const Activations& a, float* y, bool accumulate) {
   const int64_t n = w.n, k = w.k, rows = a.rows, blocks = k / BLOCK, padded = padded_blocks(k);
@@ -519,6 +667,9 @@ void quantize_team(const float* x, const Activations& a, const BlockWeight& w) {
 #if SPECTR_VNNI
     quantize_block_wide(x + r * k + b * BLOCK, k, w.activation_bits == 8, static_cast<int8_t*>(a.q) + 2 * r * k + b * BLOCK, a.scales + i,
                         a.sums + i, a.sums_q + i);
+#elif SPECTR_SIMD
+    quantize_block_bytes(x + r * k + b * BLOCK, k, w.activation_bits == 8, static_cast<int8_t*>(a.q) + 2 * r * k + b * BLOCK,
+                         a.scales + i, a.sums + i, a.sums_q + i);
 #else
     int16_t* qb = static_cast<int16_t*>(a.q) + i * BLOCK;
     if (b < k / BLOCK) {
@@ -535,6 +686,8 @@ void quantize_team(const float* x, const Activations& a, const BlockWeight& w) {
 void linear_team(const BlockWeight& w, const Activations& a, float* y, bool accumulate) {
 #if SPECTR_VNNI
   vnni_linear_team(w, a, y, accumulate);
+#elif SPECTR_SIMD
+  avx2_linear_team(w, a, y, accumulate);
 #else
   rows_linear_team(w, a, y, accumulate);
 #endif
@@ -1170,19 +1323,19 @@ const char* spectr_kernel_path() { return SPECTR_VNNI ? "avx512-vnni" : SPECTR_S
 // The row layout, what spectr_pack takes: codes (4-bit: [n, k/2] bytes, byte j of a block holding input j
 // in its low nibble and j + 16 in its high one, GGUF's layout; 8-bit: [n, k] int8) and params [n, 2, P]
 // float16: each row's block scales, then its block offsets, zero-padded to P = k/32 rounded up to a
-// multiple of 8. spectr_pack writes the layout this build's kernel reads (the row layout itself, codes
-// then params, or the VNNI layout) into out, spectr_packed_bytes(bits, n, k) bytes.
+// multiple of 8. spectr_pack writes the layout this build's kernel reads (the lanes layout with SIMD, else
+// the row layout itself, codes then params) into out, spectr_packed_bytes(bits, n, k) bytes.
 int64_t spectr_packed_bytes(int bits, int64_t n, int64_t k) {
-#if SPECTR_VNNI
-  return (n + LANES - 1) / LANES * (k / BLOCK) * vnni_block_bytes(bits);
+#if SPECTR_SIMD
+  return (n + LANES - 1) / LANES * (k / BLOCK) * lanes_block_bytes(bits);
 #else
   return n * (bits == 4 ? k / 2 : k) + n * 2 * padded_blocks(k) * static_cast<int64_t>(sizeof(uint16_t));
 #endif
 }
 
 void spectr_pack(const uint8_t* codes, const uint16_t* params, int bits, int64_t n, int64_t k, uint8_t* out) {
-#if SPECTR_VNNI
-  vnni_pack(codes, params, bits, n, k, out);
+#if SPECTR_SIMD
+  lanes_pack(codes, params, bits, n, k, out);
 #else
   const int64_t code_bytes = n * (bits == 4 ? k / 2 : k);
   std::memcpy(out, codes, code_bytes);
