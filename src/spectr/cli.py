@@ -516,6 +516,8 @@ def bench_serve(
     batching: bool = typer.Option(True, "--batching/--no-batching", help="The server's flag."),
     k: int | None = typer.Option(None, "-k", help="Sent with every request (default: the server's default shape)."),
     length: int | None = typer.Option(None, "-L", help="Sent with every request."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed request n of a level with seed + n, so that its "
+                                    "answers repeat (default: unseeded, as most traffic is)."),
     output: Path = typer.Option(Path("bench/results/serve"), "--output", "-o", help="Folder for JSON, Markdown, PNG."),
 ) -> None:
     """Load-test `spectr serve` in its own process: start-up time, then tokens/s, time to first token, memory
@@ -532,12 +534,13 @@ def bench_serve(
     extra = {name: value for name, value in (("k", k), ("L", length)) if value is not None}
     result = serve.run(serve_args, levels, extra, progress=lambda level: typer.echo(
         f"{level['clients']} clients: {level['tokens_per_second']:.1f} tok/s, TTFT p50 {level['ttft_p50']} s, "
-        f"5xx {level['server_errors']}", err=True), requests=requests)
+        f"5xx {level['server_errors']}", err=True), requests=requests, seed=seed)
     output.mkdir(parents=True, exist_ok=True)
     (output / "serve.json").write_text(json.dumps(result, indent=1))
     markdown = serve.render(result, "spectr bench serve " + " ".join(
         f"--clients {clients} --requests {requests} --max-concurrency {max_concurrency}".split()
-        + ([] if batching else ["--no-batching"]) + ([f"-k {k}"] if k else []) + ([f"-L {length}"] if length else [])))
+        + ([] if batching else ["--no-batching"]) + ([f"-k {k}"] if k else []) + ([f"-L {length}"] if length else [])
+        + ([f"--seed {seed}"] if seed is not None else [])))
     (output / "serve.md").write_text(markdown + "\n![throughput and time to first token](serve.png)\n")
     serve.plot(result, output / "serve.png")
     typer.echo(markdown)

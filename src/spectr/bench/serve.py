@@ -113,10 +113,12 @@ class ServerProcess:
 
 
 async def _request(http: httpx.AsyncClient, url: str, model: str, number: int, prompt: str, level: Level,
-                   extra: dict) -> None:
+                   extra: dict, seed: int | None = None) -> None:
     max_tokens = LENGTHS[number % len(LENGTHS)]
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "stream": True, "stream_options": {"include_usage": True}, **extra}  # unseeded, as most traffic is
+    if seed is not None:  # request n seeded with seed + n: a level's every answer repeats
+        body["seed"] = seed + number
     if number % BAD_EVERY == BAD_EVERY - 1:
         response = await http.post(f"{url}/v1/chat/completions", json={**body, "temperature": -1})
         level.bad_refused += response.status_code == 400
@@ -160,13 +162,14 @@ async def _request(http: httpx.AsyncClient, url: str, model: str, number: int, p
             return
 
 
-async def _level(url: str, model: str, clients: int, extra: dict, requests: int) -> Level:
+async def _level(url: str, model: str, clients: int, extra: dict, requests: int, seed: int | None = None) -> Level:
     level = Level(clients=clients)
     async with httpx.AsyncClient(timeout=600) as http:
         async def client(index: int) -> None:
             for request in range(requests):
                 number = index * requests + request
-                await _request(http, url, model, number, CHAT_PROMPTS[number % len(CHAT_PROMPTS)], level, extra)
+                await _request(http, url, model, number, CHAT_PROMPTS[number % len(CHAT_PROMPTS)], level, extra,
+                               seed)
 
         start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
@@ -175,20 +178,20 @@ async def _level(url: str, model: str, clients: int, extra: dict, requests: int)
 
 
 def run(serve_args: list[str], levels=LEVELS, extra: dict | None = None, progress=None,
-        requests: int = REQUESTS_PER_CLIENT) -> dict:
+        requests: int = REQUESTS_PER_CLIENT, seed: int | None = None) -> dict:
     """Start `spectr serve serve_args...`, load it level by level; the results as JSON-ready data."""
     with ServerProcess(serve_args) as server:
         model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
         results = []
         for clients in levels:
-            level = asyncio.run(_level(server.url, model, clients, extra or {}, requests))
+            level = asyncio.run(_level(server.url, model, clients, extra or {}, requests, seed))
             level.rss_mib = round(_rss_mib(server.process.pid), 1)
             results.append(level.summary())
             if progress:
                 progress(results[-1])
         return {"model": model, "serve_args": [_without_path(arg) for arg in serve_args], "extra": extra or {},
                 "startup": {"listening_seconds": round(server.listening, 2), "ready_seconds": round(server.ready, 2)},
-                "cpus": os.cpu_count(), "requests_per_client": requests, "levels": results}
+                "cpus": os.cpu_count(), "requests_per_client": requests, "seed": seed, "levels": results}
 
 
 def _without_path(arg: str) -> str:
