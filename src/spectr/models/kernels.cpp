@@ -177,6 +177,30 @@ inline float horizontal_sum(__m256 v) {  // a fixed order: (lanes 0-3 + 4-7), th
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
 }
+
+// e^x in 8 lanes, lane by lane (a lane's result depends on its input alone): x = n ln 2 + r, |r| <= ln 2 / 2,
+// e^r by its Taylor polynomial to r^7 (exp16's, within ~2 ulp), times 2^n as two powers of two so that
+// n from −150 to 128 needs no special case. Clamped to [−104, 89] (beyond: 0 and inf, as expf); NaN stays.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(89.f), _mm256_max_ps(_mm256_set1_ps(-104.f), x));  // NaN: the 2nd operand
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i whole = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(whole, 1);
+  auto power = [](__m256i e) {  // 2^e for e in [−75, 64]: a float's exponent field
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  };
+  return _mm256_mul_ps(_mm256_mul_ps(p, power(half)), power(_mm256_sub_epi32(whole, half)));
+}
 #endif
 
 #if !SPECTR_SIMD
@@ -854,12 +878,20 @@ void attend_query(const float* qv, const float* kb, const float* vb, const int32
     scores[j] = horizontal_sum(a0) * scale;
   }
   for (j = 0; j < n; ++j) top = std::max(top, scores[j]);
-  float total = 0.f;
-  for (j = 0; j < n; ++j) {
-    scores[j] = std::exp(scores[j] - top);
-    total += scores[j];
+  // exp(score − top) 8 at a time, each term summed in the lane of its place in `seen` (then a fixed tree):
+  // the same bits for the same slots seen, whichever others exist. Measured against a scalar exp a slot,
+  // side by side: steps of 1 / 16 tokens over 1000 cached ones 1.07x / 1.14x faster (200: 1.02x / 1.05x).
+  __m256 lanes = _mm256_setzero_ps();
+  for (j = 0; j < n; j += 8) {
+    const int64_t left = std::min<int64_t>(8, n - j);
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(scores + j, live), _mm256_set1_ps(top))),
+                                   _mm256_castsi256_ps(live));
+    _mm256_maskstore_ps(scores + j, live, p);
+    lanes = _mm256_add_ps(lanes, p);
   }
-  const __m256 total_lanes = _mm256_set1_ps(total);
+  const __m256 total_lanes = _mm256_set1_ps(horizontal_sum(lanes));
   for (int64_t i0 = 0; i0 < e; i0 += 32) {  // 32 output lanes at a time, kept in registers
     if (i0 + 32 <= e) {
       __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
