@@ -119,9 +119,9 @@ inline float half_to_float(uint16_t h) {
 inline int64_t padded_blocks(int64_t k) { return (k / BLOCK + GROUP - 1) / GROUP * GROUP; }
 
 // A linear layer's input rows [rows, k], quantized per 32-block in the layout of this build's path: codes
-// (VNNI: per row its high bytes [k] then its low bytes [k]; otherwise int16 [P * 32] per row), then per
-// row and block (P: the blocks, padded to whole groups outside VNNI) the scale, the exact float sum of x,
-// and (VNNI) the sum of the codes.
+// (SIMD: per row its high bytes [k] then its low bytes [k]; portable: int16 [P * 32] per row), then per
+// row and block (P: the blocks, padded to whole groups on the portable path) the scale, the exact float
+// sum of x, and (SIMD) the sum of the codes.
 struct Activations {
   void* q;
   float* scales;
