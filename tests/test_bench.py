@@ -92,17 +92,23 @@ def test_report_renders_tables_and_plots(result, tmp_path):
     assert "](../results/block_efficiency.png)" in docs.read_text()
 
 
-def test_cli_bench_writes_json_and_report(folders, tmp_path):
+def test_cli_bench_writes_json_and_report(folders, tmp_path, monkeypatch):
     target, draft = folders
-    result = CliRunner().invoke(app, [
+    arguments = [
         "bench", "--target", str(target), "--draft", str(draft), "--precision", "fp32", "--suites", "chat",
         "--prompts", "1", "--tokens", "4", "--temperatures", "1", "--k", "1,2", "--L", "2", "--no-peers",
-        "-o", str(tmp_path / "out"), "--docs", str(tmp_path / "RESULTS.md"),
-    ])
+        "-o", str(tmp_path / "out"), f"--docs={tmp_path / 'RESULTS.md'}",
+    ]
+    monkeypatch.setattr("sys.argv", ["spectr", *arguments])  # what the report quotes as its command
+    result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert {m["name"] for m in saved["config"]["methods"]} >= {"spectr ar", "spectr kseq k=2 L=2"}
-    assert (tmp_path / "RESULTS.md").read_text().startswith("# spectr benchmark results")
+    written = (tmp_path / "RESULTS.md").read_text()
+    assert written.startswith("# spectr benchmark results")
+    # The command as run, its absolute paths by their names (alone or after '='): no folder of this machine.
+    assert f"--target {target.name} --draft {draft.name}" in written and "-o out --docs=RESULTS.md" in written
+    assert str(tmp_path.parent) not in written
     again = CliRunner().invoke(app, ["bench", "report", "-i", str(tmp_path / "out" / "bench.json"),
                                      "--docs", str(tmp_path / "again.md")])
     assert again.exit_code == 0 and (tmp_path / "again.md").exists()

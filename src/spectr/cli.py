@@ -455,7 +455,8 @@ def bench(
     import shlex
     import sys
 
-    command = "spectr " + shlex.join(sys.argv[1:])  # exactly what was run, to reproduce it
+    # What was run, to reproduce it, with absolute paths by their names (results name no machine's folders).
+    command = "spectr " + shlex.join(report.without_machine_paths(argument) for argument in sys.argv[1:])
     path = report.write_report(result, output, command, docs)
     typer.echo(report.headline_table(result))
     typer.echo(f"results in {path}" + (f" and {docs}" if docs else ""))

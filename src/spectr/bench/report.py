@@ -13,6 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def without_machine_paths(argument: str) -> str:
+    """A command-line argument as results show it: an absolute path, alone or as a flag's value after
+    '=', by its name (a model's file or folder, an output folder), not this machine's folders."""
+    flag, equals, value = argument.partition("=")
+    if equals and os.path.isabs(value):
+        return f"{flag}={Path(value).name}"
+    return Path(argument).name if os.path.isabs(argument) else argument
+
+
 def _fmt(value, digits=2, suffix=""):
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
 

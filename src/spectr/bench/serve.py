@@ -20,6 +20,7 @@ import time
 
 import httpx
 
+from spectr.bench.report import without_machine_paths
 from spectr.bench.suites import CHAT_PROMPTS
 
 LEVELS = (1, 2, 4, 8, 16)
@@ -189,15 +190,9 @@ def run(serve_args: list[str], levels=LEVELS, extra: dict | None = None, progres
             results.append(level.summary())
             if progress:
                 progress(results[-1])
-        return {"model": model, "serve_args": [_without_path(arg) for arg in serve_args], "extra": extra or {},
+        return {"model": model, "serve_args": [without_machine_paths(arg) for arg in serve_args], "extra": extra or {},
                 "startup": {"listening_seconds": round(server.listening, 2), "ready_seconds": round(server.ready, 2)},
                 "cpus": os.cpu_count(), "requests_per_client": requests, "seed": seed, "levels": results}
-
-
-def _without_path(arg: str) -> str:
-    """A flag as results show it: a model's file or folder by its name, not this machine's path."""
-    name, _, value = arg.partition("=")
-    return f"{name}={Path(value).name}" if name in ("--target", "--draft") and os.sep in value else arg
 
 
 def render(result: dict, command: str) -> str:
