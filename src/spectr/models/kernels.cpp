@@ -142,7 +142,7 @@ Activations activations_in(void* buffer, int64_t rows, int64_t k) {  // buffer: 
   return {buffer, scales, scales + rows * p, reinterpret_cast<int32_t*>(scales + 2 * rows * p), rows, k};
 }
 
-// A row's block of 32 inputs: q = round(x / s), held in int16, with s = max|x| / top: 127 for int8
+// A row's block of 32 inputs: q = round(x / s) (within int16), with s = max|x| / top: 127 for int8
 // activations, 32512 (= 127 x 256, so that the VNNI path can split q into two int8 halves) for int16;
 // every path quantizes the same way, so all agree up to
 // the order of their float sums), and the float sum of x (in input order). Rows are padded with zero
@@ -151,8 +151,9 @@ constexpr float WIDE_TOP = 127.f * 256.f;
 constexpr float NARROW_TOP = 127.f;  // int8 activations: q = round(x / s), s = max|x| / 127
 inline float top_of(int64_t activation_bits) { return activation_bits == 8 ? NARROW_TOP : WIDE_TOP; }
 
-#if !SPECTR_SIMD
-void quantize_block(const float* xb, float top, int16_t* qb, float* scale_out, float* sum_out) {
+#if !SPECTR_VNNI
+// The scalar quantizer (the portable and AVX2 layouts store its codes each their way): q [32] as int32.
+void quantize_block(const float* xb, float top, int32_t* q, float* scale_out, float* sum_out) {
   float amax = 0.f, sum = 0.f;
   for (int64_t i = 0; i < BLOCK; ++i) {
     amax = std::max(amax, std::fabs(xb[i]));
@@ -160,10 +161,8 @@ void quantize_block(const float* xb, float top, int16_t* qb, float* scale_out, f
   }
   const float scale = amax / top;
   const float inverse = scale > 0.f ? 1.f / scale : 0.f;
-  for (int64_t i = 0; i < BLOCK; ++i) {
-    const float v = std::nearbyint(std::min(top, std::max(-top, xb[i] * inverse)));
-    qb[i] = static_cast<int16_t>(v);
-  }
+  for (int64_t i = 0; i < BLOCK; ++i)
+    q[i] = static_cast<int32_t>(std::nearbyint(std::min(top, std::max(-top, xb[i] * inverse))));
   // A non-finite input makes its outputs NaN (the scale carries it; the codes are then meaningless).
   *scale_out = std::isfinite(sum) ? scale : std::numeric_limits<float>::quiet_NaN();
   *sum_out = sum;
@@ -446,17 +445,11 @@ inline void store_lanes(float* target, int64_t width, __m512 out, __m512 bias, b
 // and lo (−128..127) k bytes further; the float sum of x (in input order) and the sum of q.
 void quantize_block_bytes(const float* xb, int64_t k, bool narrow, int8_t* high, float* scale_out, float* sum_out,
                           int32_t* sum_q_out) {
-  const float top = narrow ? NARROW_TOP : WIDE_TOP;
-  float amax = 0.f, sum = 0.f;
-  for (int64_t i = 0; i < BLOCK; ++i) {
-    amax = std::max(amax, std::fabs(xb[i]));
-    sum += xb[i];
-  }
-  const float scale = amax / top;
-  const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+  int32_t q[BLOCK];
+  quantize_block(xb, narrow ? NARROW_TOP : WIDE_TOP, q, scale_out, sum_out);
   int32_t total = 0;
   for (int64_t i = 0; i < BLOCK; ++i) {
-    const int32_t v = static_cast<int32_t>(std::nearbyint(std::min(top, std::max(-top, xb[i] * inverse))));
+    const int32_t v = q[i];
     total += v;
     if (narrow) {
       high[i] = static_cast<int8_t>(v);
@@ -466,9 +459,6 @@ void quantize_block_bytes(const float* xb, int64_t k, bool narrow, int8_t* high,
       high[k + i] = static_cast<int8_t>(v - 256 * hi);
     }
   }
-  // A non-finite input makes its outputs NaN (the scale carries it; the codes are then meaningless).
-  *scale_out = std::isfinite(sum) ? scale : std::numeric_limits<float>::quiet_NaN();
-  *sum_out = sum;
   *sum_q_out = total;
 }
 
@@ -687,7 +677,9 @@ void quantize_team(const float* x, const Activations& a, const BlockWeight& w) {
 #else
     int16_t* qb = static_cast<int16_t*>(a.q) + i * BLOCK;
     if (b < k / BLOCK) {
-      quantize_block(x + r * k + b * BLOCK, top_of(w.activation_bits), qb, a.scales + i, a.sums + i);
+      int32_t q[BLOCK];
+      quantize_block(x + r * k + b * BLOCK, top_of(w.activation_bits), q, a.scales + i, a.sums + i);
+      for (int64_t j = 0; j < BLOCK; ++j) qb[j] = static_cast<int16_t>(q[j]);
     } else {
       std::memset(qb, 0, sizeof(int16_t) * BLOCK);
       a.scales[i] = a.sums[i] = 0.f;
